@@ -1,0 +1,245 @@
+//! kiln-recipe: the TOML recipe schema, with parsing, `--set` overrides, validation,
+//! the phase plan and the recipe hash.
+//!
+//! A recipe goes through three stages (torchtune's parse, validate, resolve):
+//! 1. [`load`] reads the file into a TOML table and applies `--set key=value` overrides to
+//!    that table, so overridden values get exactly the same checks as written ones;
+//! 2. typed parsing into [`Recipe`] rejects unknown keys and wrong types, naming the file and
+//!    the dotted key;
+//! 3. [`Recipe::validate`] collects *all* cross-field errors at once.
+//!
+//! This crate never depends on Burn.
+
+mod overrides;
+pub mod rng;
+mod schema;
+mod validate;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+pub use overrides::{apply_override, diff_keys};
+pub use schema::*;
+
+/// Errors from reading, parsing or validating a recipe.
+#[derive(Debug, thiserror::Error)]
+pub enum RecipeError {
+    /// The file could not be read.
+    #[error("cannot read recipe `{path}`: {source}")]
+    Io {
+        /// The recipe file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML.
+    #[error("{path}: invalid TOML: {message}")]
+    Syntax {
+        /// The recipe file.
+        path: PathBuf,
+        /// What the TOML parser said, with line and column.
+        message: String,
+    },
+    /// A `--set` override could not be applied.
+    #[error("--set `{spec}`: {message}")]
+    Override {
+        /// The override as given.
+        spec: String,
+        /// Why it failed.
+        message: String,
+    },
+    /// The TOML does not match the schema (unknown key, wrong type, missing key).
+    #[error("{path}: {key}: {message}")]
+    Schema {
+        /// The recipe file.
+        path: PathBuf,
+        /// Dotted key, e.g. `phases[1].window`.
+        key: String,
+        /// What was wrong and what was expected.
+        message: String,
+    },
+    /// Cross-field validation failed; every problem is listed.
+    #[error("{}", ValidationList(.0))]
+    Invalid(Vec<ValidationError>),
+}
+
+/// One validation problem, tied to a file and a dotted key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidationError {
+    /// The recipe file.
+    pub path: PathBuf,
+    /// Dotted key, e.g. `phases[1].window`.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ValidationError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}: {}", self.path.display(), self.key, self.message)
+    }
+}
+
+struct ValidationList<'a>(&'a [ValidationError]);
+
+impl fmt::Display for ValidationList<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0.len();
+        write!(f, "recipe has {n} error{}:", if n == 1 { "" } else { "s" })?;
+        for e in self.0 {
+            write!(f, "\n  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A recipe read from a file, with the TOML table it came from.
+#[derive(Debug, Clone)]
+pub struct LoadedRecipe {
+    /// Where it was read from (used in every error message).
+    pub path: PathBuf,
+    /// The typed recipe.
+    pub recipe: Recipe,
+    /// The TOML table after overrides, before typed parsing.
+    pub table: toml::Table,
+}
+
+/// Reads a recipe file, applies `key=value` overrides, parses and validates it.
+pub fn load(path: &Path, overrides: &[String]) -> Result<LoadedRecipe, RecipeError> {
+    let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    from_str(&text, path, overrides)
+}
+
+/// Parses recipe text (as if read from `path`), applies overrides and validates.
+pub fn from_str(text: &str, path: &Path, overrides: &[String]) -> Result<LoadedRecipe, RecipeError> {
+    let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| RecipeError::Syntax {
+        path: path.to_path_buf(),
+        message: e.to_string().trim().to_string(),
+    })?;
+    for spec in overrides {
+        apply_override(&mut table, spec)?;
+    }
+    let recipe = from_table(&table, path)?;
+    recipe.validate(path).map_err(RecipeError::Invalid)?;
+    Ok(LoadedRecipe {
+        path: path.to_path_buf(),
+        recipe,
+        table,
+    })
+}
+
+/// Typed parsing of a TOML table, with the failing key's dotted path in the error.
+pub fn from_table(table: &toml::Table, path: &Path) -> Result<Recipe, RecipeError> {
+    let value = toml::Value::Table(table.clone());
+    serde_path_to_error::deserialize::<_, Recipe>(value).map_err(|err| {
+        let key = err.path().to_string();
+        let key = if key == "." { "(top level)".to_string() } else { key };
+        RecipeError::Schema {
+            path: path.to_path_buf(),
+            key,
+            message: err.inner().to_string().trim().to_string(),
+        }
+    })
+}
+
+impl Recipe {
+    /// The recipe as canonical TOML (every default written out).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a recipe always serializes to TOML")
+    }
+
+    /// SHA-256 of the canonical TOML, hex-encoded: identifies the recipe in checkpoints.
+    pub fn hash(&self) -> String {
+        let digest = Sha256::digest(self.to_toml().as_bytes());
+        digest.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Optimizer steps of each phase, resolving `tokens` lengths into whole steps.
+    pub fn phase_steps(&self) -> Vec<u64> {
+        self.phases
+            .iter()
+            .map(|p| match (p.steps, p.tokens) {
+                (Some(s), _) => s,
+                (None, Some(t)) => t.div_ceil(self.tokens_per_step(p).max(1)),
+                (None, None) => 0,
+            })
+            .collect()
+    }
+
+    /// Token positions (inputs) per optimizer step in a phase.
+    pub fn tokens_per_step(&self, phase: &Phase) -> u64 {
+        (phase.batch_size * phase.window * self.train.grad_accum) as u64
+    }
+
+    /// Total optimizer steps over all phases.
+    pub fn total_steps(&self) -> u64 {
+        self.phase_steps().iter().sum()
+    }
+
+    /// The wall-time budget, if any.
+    pub fn max_wall_time(&self) -> Option<Duration> {
+        self.run
+            .max_wall_time
+            .as_deref()
+            .and_then(|s| parse_duration(s).ok())
+    }
+
+    /// The evaluation window length.
+    pub fn eval_window(&self) -> usize {
+        self.train
+            .eval_window
+            .or_else(|| self.phases.first().map(|p| p.window))
+            .unwrap_or(1)
+    }
+
+    /// The longest sequence the configured model accepts.
+    pub fn model_max_position(&self) -> Option<usize> {
+        match self.model.family {
+            ModelFamily::Qwen2 => self.model.qwen2.as_ref().map(|q| q.max_position_embeddings),
+        }
+    }
+}
+
+/// Parses `"90s"`, `"45m"`, `"2h"`, `"1h30m"` or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Err("empty duration".to_string());
+    }
+    if let Ok(secs) = text.parse::<f64>() {
+        if secs.is_finite() && secs >= 0.0 {
+            return Ok(Duration::from_secs_f64(secs));
+        }
+        return Err(format!("`{text}` is not a non-negative duration"));
+    }
+    let mut total = 0.0f64;
+    let mut number = String::new();
+    for c in text.chars() {
+        if c.is_ascii_digit() || c == '.' {
+            number.push(c);
+            continue;
+        }
+        let unit = match c {
+            's' => 1.0,
+            'm' => 60.0,
+            'h' => 3600.0,
+            'd' => 86400.0,
+            _ => return Err(format!("`{text}`: unknown unit `{c}` (use s, m, h or d)")),
+        };
+        let value: f64 = number
+            .parse()
+            .map_err(|_| format!("`{text}`: expected a number before `{c}`"))?;
+        total += value * unit;
+        number.clear();
+    }
+    if !number.is_empty() {
+        return Err(format!("`{text}`: number `{number}` has no unit (use s, m, h or d)"));
+    }
+    Ok(Duration::from_secs_f64(total))
+}

@@ -1,0 +1,477 @@
+//! The recipe schema: plain serde structs, one per TOML section.
+//!
+//! Every struct denies unknown fields so that a typo is an error that names the key, and
+//! every section has a `Default` so that a recipe only writes what it changes. No
+//! `#[serde(flatten)]` is used anywhere: it silently disables unknown-field errors.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// A whole training recipe, as written in a `.toml` file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    /// Run identity, seed, output location, backend and limits.
+    pub run: RunSection,
+    /// The model family and its configuration.
+    pub model: ModelSection,
+    /// How text becomes token ids.
+    #[serde(default)]
+    pub tokenizer: TokenizerSection,
+    /// Where the training text comes from.
+    pub data: DataSection,
+    /// The curriculum: one entry per phase, run in order.
+    pub phases: Vec<Phase>,
+    /// The optimizer.
+    #[serde(default)]
+    pub optim: OptimSection,
+    /// The learning-rate schedule over all phases.
+    #[serde(default)]
+    pub schedule: ScheduleSection,
+    /// Loop settings: accumulation, clipping, checkpoints, evaluation.
+    #[serde(default)]
+    pub train: TrainSection,
+}
+
+/// `[run]`: identity and placement of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSection {
+    /// Name of the run; the run directory is `<out_dir>/<name>/`.
+    pub name: String,
+    /// Seed for model initialization and data mixing.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Directory under which the run directory is created.
+    #[serde(default = "default_out_dir")]
+    pub out_dir: String,
+    /// Compute backend: `flex` (default, CPU), `ndarray` (CPU) or `cuda`.
+    #[serde(default)]
+    pub backend: BackendKind,
+    /// Device on the backend: `cpu`, or `cuda` / `cuda:N` for the CUDA backend.
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// Stop cleanly (checkpoint, then exit) after this much wall time, e.g. `"90s"`,
+    /// `"45m"`, `"2h"`. A resumed run gets the same budget again.
+    #[serde(default)]
+    pub max_wall_time: Option<String>,
+}
+
+fn default_seed() -> u64 {
+    0
+}
+
+fn default_out_dir() -> String {
+    "runs".to_string()
+}
+
+fn default_device() -> String {
+    "cpu".to_string()
+}
+
+/// The tensor backend a run executes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// burn-flex: the fastest CPU backend measured here (the default).
+    #[default]
+    Flex,
+    /// burn-ndarray: the reference CPU backend.
+    Ndarray,
+    /// burn-cuda: NVIDIA GPUs (needs a build with `--features cuda`).
+    Cuda,
+}
+
+impl BackendKind {
+    /// The name as written in recipes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Flex => "flex",
+            Self::Ndarray => "ndarray",
+            Self::Cuda => "cuda",
+        }
+    }
+}
+
+/// `[model]`: which family, and that family's own table (`[model.qwen2]`, ...).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// The model family.
+    pub family: ModelFamily,
+    /// Settings of the `qwen2` family; required when `family = "qwen2"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qwen2: Option<Qwen2Section>,
+}
+
+/// The model families kiln knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelFamily {
+    /// A Qwen2 / Qwen2.5 decoder (Hugging Face `Qwen2ForCausalLM`).
+    Qwen2,
+}
+
+impl ModelFamily {
+    /// The name as written in recipes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Qwen2 => "qwen2",
+        }
+    }
+}
+
+/// `[model.qwen2]`: a Qwen2 configuration, named as in Hugging Face's `Qwen2Config`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Qwen2Section {
+    /// How the weights start: only `random` for now.
+    #[serde(default)]
+    pub init: InitKind,
+    /// Vocabulary size (rows of the embedding and the output head).
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the SwiGLU MLP.
+    pub intermediate_size: usize,
+    /// Number of decoder layers.
+    pub num_hidden_layers: usize,
+    /// Number of query heads.
+    pub num_attention_heads: usize,
+    /// Number of key/value heads (grouped-query attention); must divide the query heads.
+    pub num_key_value_heads: usize,
+    /// Longest sequence the model is configured for.
+    #[serde(default = "default_max_position")]
+    pub max_position_embeddings: usize,
+    /// RoPE base frequency.
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    /// RMSNorm epsilon.
+    #[serde(default = "default_rms_eps")]
+    pub rms_norm_eps: f64,
+    /// Share the embedding matrix with the output head.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Standard deviation of the normal initialization (Hugging Face's `initializer_range`).
+    #[serde(default = "default_init_range")]
+    pub initializer_range: f64,
+}
+
+fn default_max_position() -> usize {
+    2048
+}
+
+fn default_rope_theta() -> f64 {
+    1_000_000.0
+}
+
+fn default_rms_eps() -> f64 {
+    1e-6
+}
+
+fn default_init_range() -> f64 {
+    0.02
+}
+
+/// How model weights are initialized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InitKind {
+    /// Random init from `run.seed`.
+    #[default]
+    Random,
+}
+
+/// `[tokenizer]`: how text becomes ids.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizerSection {
+    /// The tokenizer kind.
+    #[serde(default)]
+    pub kind: TokenizerKind,
+}
+
+/// The tokenizers kiln knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenizerKind {
+    /// One token per byte plus a few special tokens: needs no file.
+    #[default]
+    Bytes,
+}
+
+/// `[data]`: the sources every phase draws from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// Fraction of each source's documents (taken from its end, at least one document)
+    /// held out for evaluation and never trained on.
+    #[serde(default = "default_eval_holdout")]
+    pub eval_holdout: f64,
+    /// The sources, each with a unique name that phases refer to.
+    pub sources: Vec<Source>,
+}
+
+fn default_eval_holdout() -> f64 {
+    0.05
+}
+
+/// `[[data.sources]]`: one corpus.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Source {
+    /// Name that phases use in their `sources` table.
+    pub name: String,
+    /// File format.
+    pub format: SourceFormat,
+    /// A file, or a directory whose files (sorted by name) are read in order.
+    pub path: String,
+    /// For `text`: one document per file (`file`) or per blank-line-separated block
+    /// (`blank_line`).
+    #[serde(default)]
+    pub split: TextSplit,
+    /// For `jsonl`: the field holding the document text.
+    #[serde(default = "default_text_field")]
+    pub text_field: String,
+}
+
+fn default_text_field() -> String {
+    "text".to_string()
+}
+
+/// Source file formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceFormat {
+    /// UTF-8 plain text.
+    Text,
+    /// One JSON object per line.
+    Jsonl,
+}
+
+/// How a text file is split into documents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TextSplit {
+    /// The whole file is one document.
+    #[default]
+    File,
+    /// Blocks separated by one or more blank lines are documents.
+    BlankLine,
+}
+
+/// `[[phases]]`: one stage of the curriculum.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Phase {
+    /// Name shown in logs and metrics; defaults to `phase-<index>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Mixture: source name to relative weight.
+    pub sources: BTreeMap<String, f64>,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Tokens per sequence (the model sees `window` inputs and predicts `window` targets).
+    pub window: usize,
+    /// How documents are cut into windows.
+    #[serde(default)]
+    pub windowing: Windowing,
+    /// For `belt`: tokens shared by consecutive windows of one document (context only,
+    /// not trained twice).
+    #[serde(default)]
+    pub overlap: usize,
+    /// Length of the phase in optimizer steps (exactly one of `steps` and `tokens`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<u64>,
+    /// Length of the phase in training tokens, rounded up to whole optimizer steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<u64>,
+    /// Multiplier on the scheduled learning rate during this phase.
+    #[serde(default = "default_lr_scale")]
+    pub lr_scale: f64,
+}
+
+fn default_lr_scale() -> f64 {
+    1.0
+}
+
+/// Windowing modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Windowing {
+    /// Each document is cut into consecutive windows: every token trained, order kept.
+    #[default]
+    Belt,
+    /// Documents are concatenated with end-of-text separators and cut into full windows.
+    Pack,
+    /// Each document yields one window; the rest of it is dropped.
+    Truncate,
+}
+
+impl Windowing {
+    /// The name as written in recipes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Belt => "belt",
+            Self::Pack => "pack",
+            Self::Truncate => "truncate",
+        }
+    }
+}
+
+/// `[optim]`: AdamW.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimSection {
+    /// The optimizer kind.
+    #[serde(default)]
+    pub kind: OptimKind,
+    /// Peak learning rate.
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    /// Exponential decay rates of the first and second moments.
+    #[serde(default = "default_betas")]
+    pub betas: [f64; 2],
+    /// Term added to the denominator for numerical stability.
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// Decoupled weight decay (applied to matrices; norms and biases are not decayed).
+    #[serde(default)]
+    pub weight_decay: f64,
+}
+
+impl Default for OptimSection {
+    fn default() -> Self {
+        Self {
+            kind: OptimKind::default(),
+            lr: default_lr(),
+            betas: default_betas(),
+            eps: default_eps(),
+            weight_decay: 0.0,
+        }
+    }
+}
+
+fn default_lr() -> f64 {
+    1e-3
+}
+
+fn default_betas() -> [f64; 2] {
+    [0.9, 0.999]
+}
+
+fn default_eps() -> f64 {
+    1e-8
+}
+
+/// Optimizer kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimKind {
+    /// AdamW with f32 moments.
+    #[default]
+    Adamw,
+}
+
+/// `[schedule]`: learning rate against the optimizer step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSection {
+    /// Shape after warmup.
+    #[serde(default)]
+    pub kind: ScheduleKind,
+    /// Steps of linear warmup from zero to `optim.lr`.
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// Floor that `linear` and `cosine` decay to at the last step.
+    #[serde(default)]
+    pub min_lr: f64,
+}
+
+impl Default for ScheduleSection {
+    fn default() -> Self {
+        Self {
+            kind: ScheduleKind::default(),
+            warmup_steps: 0,
+            min_lr: 0.0,
+        }
+    }
+}
+
+/// Schedule shapes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScheduleKind {
+    /// Constant at `optim.lr` after warmup.
+    #[default]
+    Constant,
+    /// Linear decay to `min_lr`.
+    Linear,
+    /// Half-cosine decay to `min_lr`.
+    Cosine,
+}
+
+/// `[train]`: loop settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    /// Micro-batches accumulated per optimizer step.
+    #[serde(default = "one")]
+    pub grad_accum: usize,
+    /// Clip gradients to this global L2 norm (absent: no clipping).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_norm: Option<f64>,
+    /// Write a checkpoint every this many optimizer steps (and at the end).
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: u64,
+    /// How many of the newest checkpoints to keep.
+    #[serde(default = "default_keep")]
+    pub keep_checkpoints: usize,
+    /// Evaluate every this many optimizer steps (0: only at the end).
+    #[serde(default)]
+    pub eval_every: u64,
+    /// Held-out tokens scored per evaluation.
+    #[serde(default = "default_eval_tokens")]
+    pub eval_tokens: u64,
+    /// Window of evaluation sequences (default: the first phase's window).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_window: Option<usize>,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        Self {
+            grad_accum: 1,
+            clip_norm: None,
+            checkpoint_every: default_checkpoint_every(),
+            keep_checkpoints: default_keep(),
+            eval_every: 0,
+            eval_tokens: default_eval_tokens(),
+            eval_window: None,
+        }
+    }
+}
+
+fn one() -> usize {
+    1
+}
+
+fn default_checkpoint_every() -> u64 {
+    500
+}
+
+fn default_keep() -> usize {
+    3
+}
+
+fn default_eval_tokens() -> u64 {
+    16_384
+}
+
+impl Phase {
+    /// The phase's display name.
+    pub fn display_name(&self, index: usize) -> String {
+        self.name.clone().unwrap_or_else(|| format!("phase-{index}"))
+    }
+}

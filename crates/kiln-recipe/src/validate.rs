@@ -1,0 +1,252 @@
+//! Cross-field validation: every problem is collected, each naming the file and dotted key.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use crate::{ModelFamily, Recipe, ValidationError, parse_duration};
+
+struct Errors<'a> {
+    path: &'a Path,
+    list: Vec<ValidationError>,
+}
+
+impl Errors<'_> {
+    fn push(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.list.push(ValidationError {
+            path: self.path.to_path_buf(),
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn check(&mut self, ok: bool, key: impl Into<String>, message: impl Into<String>) {
+        if !ok {
+            self.push(key, message);
+        }
+    }
+}
+
+impl Recipe {
+    /// Checks every cross-field rule and returns all violations (empty: valid).
+    pub fn validate(&self, path: &Path) -> Result<(), Vec<ValidationError>> {
+        let mut e = Errors {
+            path,
+            list: Vec::new(),
+        };
+        self.validate_run(&mut e);
+        self.validate_model(&mut e);
+        self.validate_data(&mut e);
+        self.validate_phases(&mut e);
+        self.validate_optim(&mut e);
+        if e.list.is_empty() { Ok(()) } else { Err(e.list) }
+    }
+
+    fn validate_run(&self, e: &mut Errors<'_>) {
+        let name = &self.run.name;
+        e.check(
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                && !name.starts_with('.'),
+            "run.name",
+            format!("`{name}` must be non-empty and use only letters, digits, `-`, `_` and `.`"),
+        );
+        e.check(!self.run.out_dir.is_empty(), "run.out_dir", "must not be empty");
+        if let Some(w) = &self.run.max_wall_time {
+            if let Err(msg) = parse_duration(w) {
+                e.push("run.max_wall_time", msg);
+            }
+        }
+        let device = self.run.device.as_str();
+        match self.run.backend {
+            crate::BackendKind::Flex | crate::BackendKind::Ndarray => e.check(
+                device == "cpu",
+                "run.device",
+                format!(
+                    "`{device}` is not a device of the `{}` backend (use `cpu`)",
+                    self.run.backend.as_str()
+                ),
+            ),
+            crate::BackendKind::Cuda => e.check(
+                device == "cuda"
+                    || device
+                        .strip_prefix("cuda:")
+                        .is_some_and(|n| n.parse::<usize>().is_ok()),
+                "run.device",
+                format!("`{device}` is not a CUDA device (use `cuda` or `cuda:N`)"),
+            ),
+        }
+    }
+
+    fn validate_model(&self, e: &mut Errors<'_>) {
+        match self.model.family {
+            ModelFamily::Qwen2 => {
+                let Some(q) = &self.model.qwen2 else {
+                    e.push(
+                        "model.qwen2",
+                        "missing: `family = \"qwen2\"` needs a `[model.qwen2]` table",
+                    );
+                    return;
+                };
+                for (key, v) in [
+                    ("vocab_size", q.vocab_size),
+                    ("hidden_size", q.hidden_size),
+                    ("intermediate_size", q.intermediate_size),
+                    ("num_hidden_layers", q.num_hidden_layers),
+                    ("num_attention_heads", q.num_attention_heads),
+                    ("num_key_value_heads", q.num_key_value_heads),
+                    ("max_position_embeddings", q.max_position_embeddings),
+                ] {
+                    e.check(v > 0, format!("model.qwen2.{key}"), "must be at least 1");
+                }
+                if q.num_attention_heads > 0 && q.hidden_size % q.num_attention_heads != 0 {
+                    e.push(
+                        "model.qwen2.hidden_size",
+                        format!(
+                            "{} is not divisible by num_attention_heads {}",
+                            q.hidden_size, q.num_attention_heads
+                        ),
+                    );
+                } else if q.num_attention_heads > 0 && (q.hidden_size / q.num_attention_heads) % 2 != 0
+                {
+                    e.push(
+                        "model.qwen2.hidden_size",
+                        format!(
+                            "head dimension {} must be even for rotary embeddings",
+                            q.hidden_size / q.num_attention_heads
+                        ),
+                    );
+                }
+                if q.num_key_value_heads > 0 && q.num_attention_heads % q.num_key_value_heads != 0 {
+                    e.push(
+                        "model.qwen2.num_key_value_heads",
+                        format!(
+                            "{} does not divide num_attention_heads {}",
+                            q.num_key_value_heads, q.num_attention_heads
+                        ),
+                    );
+                }
+                e.check(q.rope_theta > 0.0, "model.qwen2.rope_theta", "must be positive");
+                e.check(q.rms_norm_eps > 0.0, "model.qwen2.rms_norm_eps", "must be positive");
+                e.check(
+                    q.initializer_range > 0.0,
+                    "model.qwen2.initializer_range",
+                    "must be positive",
+                );
+            }
+        }
+    }
+
+    fn validate_data(&self, e: &mut Errors<'_>) {
+        e.check(
+            (0.0..1.0).contains(&self.data.eval_holdout),
+            "data.eval_holdout",
+            format!("{} must be in [0, 1)", self.data.eval_holdout),
+        );
+        e.check(!self.data.sources.is_empty(), "data.sources", "at least one source is needed");
+        let mut seen = BTreeSet::new();
+        for (i, s) in self.data.sources.iter().enumerate() {
+            let key = format!("data.sources[{i}]");
+            e.check(!s.name.is_empty(), format!("{key}.name"), "must not be empty");
+            if !seen.insert(s.name.as_str()) {
+                e.push(format!("{key}.name"), format!("`{}` is used by two sources", s.name));
+            }
+            e.check(!s.path.is_empty(), format!("{key}.path"), "must not be empty");
+            e.check(!s.text_field.is_empty(), format!("{key}.text_field"), "must not be empty");
+        }
+    }
+
+    fn validate_phases(&self, e: &mut Errors<'_>) {
+        e.check(!self.phases.is_empty(), "phases", "at least one `[[phases]]` entry is needed");
+        let names: BTreeSet<&str> = self.data.sources.iter().map(|s| s.name.as_str()).collect();
+        let max_pos = self.model_max_position();
+        for (i, p) in self.phases.iter().enumerate() {
+            let key = |k: &str| format!("phases[{i}].{k}");
+            e.check(!p.sources.is_empty(), key("sources"), "at least one source is needed");
+            for (name, w) in &p.sources {
+                if !names.contains(name.as_str()) {
+                    let known: Vec<&str> = names.iter().copied().collect();
+                    e.push(
+                        key(&format!("sources.{name}")),
+                        format!("no source named `{name}` (known: {})", known.join(", ")),
+                    );
+                }
+                e.check(
+                    w.is_finite() && *w > 0.0,
+                    key(&format!("sources.{name}")),
+                    format!("weight {w} must be positive"),
+                );
+            }
+            e.check(p.batch_size > 0, key("batch_size"), "must be at least 1");
+            e.check(p.window >= 2, key("window"), format!("{} must be at least 2", p.window));
+            if let Some(max) = max_pos {
+                e.check(
+                    p.window <= max,
+                    key("window"),
+                    format!("{} exceeds model max_position {max}", p.window),
+                );
+            }
+            if p.overlap > 0 {
+                e.check(
+                    p.windowing == crate::Windowing::Belt,
+                    key("overlap"),
+                    format!("overlap applies to `belt` windowing, not `{}`", p.windowing.as_str()),
+                );
+                e.check(
+                    p.overlap < p.window,
+                    key("overlap"),
+                    format!("{} must be smaller than the window {}", p.overlap, p.window),
+                );
+            }
+            match (p.steps, p.tokens) {
+                (Some(_), Some(_)) => e.push(key("steps"), "give `steps` or `tokens`, not both"),
+                (None, None) => e.push(key("steps"), "missing: give `steps` or `tokens`"),
+                (Some(0), _) | (_, Some(0)) => e.push(key("steps"), "phase length must be positive"),
+                _ => {}
+            }
+            e.check(
+                p.lr_scale.is_finite() && p.lr_scale > 0.0,
+                key("lr_scale"),
+                format!("{} must be positive", p.lr_scale),
+            );
+        }
+        if let (Some(max), Some(w)) = (max_pos, self.train.eval_window) {
+            e.check(w <= max, "train.eval_window", format!("{w} exceeds model max_position {max}"));
+        }
+    }
+
+    fn validate_optim(&self, e: &mut Errors<'_>) {
+        let o = &self.optim;
+        e.check(o.lr.is_finite() && o.lr > 0.0, "optim.lr", format!("{} must be positive", o.lr));
+        for (i, b) in o.betas.iter().enumerate() {
+            e.check(
+                (0.0..1.0).contains(b),
+                format!("optim.betas[{i}]"),
+                format!("{b} must be in [0, 1)"),
+            );
+        }
+        e.check(o.eps > 0.0, "optim.eps", "must be positive");
+        e.check(o.weight_decay >= 0.0, "optim.weight_decay", "must not be negative");
+        let s = &self.schedule;
+        e.check(
+            s.min_lr >= 0.0 && s.min_lr <= o.lr,
+            "schedule.min_lr",
+            format!("{} must be between 0 and optim.lr {}", s.min_lr, o.lr),
+        );
+        let total = self.total_steps();
+        e.check(
+            s.warmup_steps <= total,
+            "schedule.warmup_steps",
+            format!("{} exceeds the {total} total steps", s.warmup_steps),
+        );
+        let t = &self.train;
+        e.check(t.grad_accum > 0, "train.grad_accum", "must be at least 1");
+        if let Some(c) = t.clip_norm {
+            e.check(c.is_finite() && c > 0.0, "train.clip_norm", format!("{c} must be positive"));
+        }
+        e.check(t.checkpoint_every > 0, "train.checkpoint_every", "must be at least 1");
+        e.check(t.keep_checkpoints > 0, "train.keep_checkpoints", "must be at least 1");
+        e.check(t.eval_tokens > 0, "train.eval_tokens", "must be at least 1");
+    }
+}
