@@ -1,0 +1,375 @@
+//! kiln-data: from recipe sources to batches of token ids, with a data cursor that records
+//! exactly where every source stands so a resumed run sees the same windows.
+//!
+//! ```text
+//! sources --read--> documents --tokenize (+ end-of-text)--> ids
+//!         --window (belt | pack | truncate)--> windows --mix (seeded)--> batches
+//! ```
+//!
+//! This crate does not depend on Burn: batches are plain vectors.
+
+mod source;
+mod tokenizer;
+mod window;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use kiln_recipe::{Recipe, Windowing};
+
+pub use kiln_recipe::rng::SplitMix64;
+pub use source::{Document, read_documents, source_files};
+pub use tokenizer::{BYTE_SPECIAL_TOKENS, ByteTokenizer, Tokenizer};
+pub use window::{SourceCounts, SourceCursor, Window, WindowSpec, next_window};
+
+/// Errors from reading and preparing data; each names the file, line or recipe key.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// A source path in the recipe does not exist or cannot be read.
+    #[error("{key}: `{path}`: {message}")]
+    SourcePath {
+        /// Dotted recipe key of the path.
+        key: String,
+        /// The path as given.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// Reading a file failed.
+    #[error("cannot read `{path}`: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A file is not valid UTF-8.
+    #[error("{path}:{line}: not valid UTF-8")]
+    NotUtf8 {
+        /// The file.
+        path: PathBuf,
+        /// First line holding invalid bytes.
+        line: usize,
+    },
+    /// A JSONL line is malformed.
+    #[error("{path}:{line}: malformed JSON: {message}")]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// The line.
+        line: usize,
+        /// The parser's message.
+        message: String,
+    },
+    /// A JSONL line lacks the text field.
+    #[error("{path}:{line}: missing field `{field}`")]
+    MissingField {
+        /// The file.
+        path: PathBuf,
+        /// The line.
+        line: usize,
+        /// The field the recipe asked for.
+        field: String,
+    },
+    /// A source produced no documents.
+    #[error("source `{name}` (`{path}`) holds no documents")]
+    EmptySource {
+        /// The source name.
+        name: String,
+        /// Its path.
+        path: PathBuf,
+    },
+    /// The tokenizer's vocabulary does not fit the model.
+    #[error("model vocabulary {model} is smaller than the tokenizer's {tokenizer} ids")]
+    Vocab {
+        /// The model's vocabulary size.
+        model: usize,
+        /// The tokenizer's vocabulary size.
+        tokenizer: usize,
+    },
+    /// A data cursor does not match the recipe's sources.
+    #[error("data cursor names source `{0}`, which the recipe does not have")]
+    CursorMismatch(String),
+}
+
+/// A tokenized source, split into training and held-out documents.
+#[derive(Debug, Clone)]
+pub struct PreparedSource {
+    /// Source name.
+    pub name: String,
+    /// Training documents (ids, each ending with end-of-text).
+    pub train: Vec<Vec<u32>>,
+    /// Held-out documents for evaluation.
+    pub heldout: Vec<Vec<u32>>,
+    /// Origin of each training document, for samples and messages.
+    pub origins: Vec<String>,
+}
+
+impl PreparedSource {
+    /// Total tokens in the training documents.
+    pub fn train_tokens(&self) -> u64 {
+        self.train.iter().map(|d| d.len() as u64).sum()
+    }
+}
+
+/// The exact position of the data stream, saved in every checkpoint.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DataCursor {
+    /// State of the mixing random generator.
+    pub rng: u64,
+    /// Per-source position (sources keep their position across phases).
+    pub sources: BTreeMap<String, SourceCursor>,
+    /// Per-source running counts.
+    pub counts: BTreeMap<String, SourceCounts>,
+}
+
+/// One micro-batch: `batch_size` windows of `window` positions, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    /// Sequences in the batch.
+    pub batch_size: usize,
+    /// Positions per sequence.
+    pub window: usize,
+    /// Input ids, `[batch_size * window]`.
+    pub inputs: Vec<u32>,
+    /// Target ids, `[batch_size * window]`.
+    pub targets: Vec<u32>,
+    /// Loss mask, `[batch_size * window]`, 1.0 where the target is trained.
+    pub mask: Vec<f32>,
+}
+
+impl Batch {
+    /// Positions that count in the loss.
+    pub fn trained_tokens(&self) -> usize {
+        self.mask.iter().filter(|m| **m > 0.0).count()
+    }
+
+    fn from_windows(windows: &[Window], window: usize) -> Self {
+        let mut inputs = Vec::with_capacity(windows.len() * window);
+        let mut targets = Vec::with_capacity(windows.len() * window);
+        let mut mask = Vec::with_capacity(windows.len() * window);
+        for w in windows {
+            inputs.extend_from_slice(&w.tokens[..window]);
+            targets.extend_from_slice(&w.tokens[1..]);
+            mask.extend_from_slice(&w.mask);
+        }
+        Self {
+            batch_size: windows.len(),
+            window,
+            inputs,
+            targets,
+            mask,
+        }
+    }
+}
+
+/// All sources of a recipe, tokenized, with the fixed evaluation batches.
+pub struct DataPipeline {
+    sources: Vec<PreparedSource>,
+    tokenizer: Box<dyn Tokenizer>,
+    recipe: Recipe,
+}
+
+impl std::fmt::Debug for DataPipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataPipeline")
+            .field("sources", &self.sources.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The tokenizer a recipe asks for.
+pub fn tokenizer_for(recipe: &Recipe) -> Box<dyn Tokenizer> {
+    match recipe.tokenizer.kind {
+        kiln_recipe::TokenizerKind::Bytes => Box::new(ByteTokenizer),
+    }
+}
+
+impl DataPipeline {
+    /// Reads and tokenizes every source of the recipe and splits off held-out documents.
+    pub fn new(recipe: &Recipe, model_vocab: usize) -> Result<Self, DataError> {
+        let tokenizer = tokenizer_for(recipe);
+        if model_vocab < tokenizer.vocab_size() {
+            return Err(DataError::Vocab {
+                model: model_vocab,
+                tokenizer: tokenizer.vocab_size(),
+            });
+        }
+        let eos = tokenizer.eos_id();
+        let mut sources = Vec::new();
+        for (i, src) in recipe.data.sources.iter().enumerate() {
+            let docs = read_documents(src, i)?;
+            let n = docs.len();
+            // Hold out the last documents, but always leave one to train on.
+            let held = if n < 2 || recipe.data.eval_holdout == 0.0 {
+                0
+            } else {
+                ((n as f64 * recipe.data.eval_holdout).ceil() as usize).clamp(1, n - 1)
+            };
+            let mut ids: Vec<Vec<u32>> = docs
+                .iter()
+                .map(|d| {
+                    let mut t = tokenizer.encode(&d.text);
+                    t.push(eos);
+                    t
+                })
+                .collect();
+            let heldout = ids.split_off(n - held);
+            sources.push(PreparedSource {
+                name: src.name.clone(),
+                train: ids,
+                heldout,
+                origins: docs[..n - held].iter().map(|d| d.origin.clone()).collect(),
+            });
+        }
+        Ok(Self {
+            sources,
+            tokenizer,
+            recipe: recipe.clone(),
+        })
+    }
+
+    /// The tokenizer in use.
+    pub fn tokenizer(&self) -> &dyn Tokenizer {
+        self.tokenizer.as_ref()
+    }
+
+    /// The prepared sources, in recipe order.
+    pub fn sources(&self) -> &[PreparedSource] {
+        &self.sources
+    }
+
+    /// The cursor of a run that has not drawn any data yet.
+    pub fn initial_cursor(&self, seed: u64) -> DataCursor {
+        DataCursor {
+            // Derive the mixing stream from the run seed, apart from model initialization.
+            rng: SplitMix64::new(seed ^ 0x6b69_6c6e_6461_7461).state(),
+            sources: self
+                .sources
+                .iter()
+                .map(|s| (s.name.clone(), SourceCursor::default()))
+                .collect(),
+            counts: self
+                .sources
+                .iter()
+                .map(|s| (s.name.clone(), SourceCounts::default()))
+                .collect(),
+        }
+    }
+
+    /// Checks that a cursor (e.g. from a checkpoint) fits this pipeline's sources.
+    pub fn check_cursor(&self, cursor: &DataCursor) -> Result<(), DataError> {
+        for name in cursor.sources.keys() {
+            if !self.sources.iter().any(|s| &s.name == name) {
+                return Err(DataError::CursorMismatch(name.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Draws the next micro-batch of a phase, advancing the cursor.
+    pub fn next_batch(&self, phase_index: usize, cursor: &mut DataCursor) -> Batch {
+        let phase = &self.recipe.phases[phase_index];
+        let spec = WindowSpec {
+            window: phase.window,
+            mode: phase.windowing,
+            overlap: phase.overlap,
+            pad: self.tokenizer.pad_id(),
+        };
+        let mixture: Vec<(usize, f64)> = phase
+            .sources
+            .iter()
+            .filter_map(|(name, w)| {
+                self.sources
+                    .iter()
+                    .position(|s| &s.name == name)
+                    .map(|i| (i, *w))
+            })
+            .collect();
+        let total: f64 = mixture.iter().map(|(_, w)| w).sum();
+        let mut rng = SplitMix64::from_state(cursor.rng);
+        let mut windows = Vec::with_capacity(phase.batch_size);
+        for _ in 0..phase.batch_size {
+            let source = if mixture.len() == 1 {
+                mixture[0].0
+            } else {
+                let mut x = rng.next_f64() * total;
+                let mut pick = mixture[mixture.len() - 1].0;
+                for (i, w) in &mixture {
+                    if x < *w {
+                        pick = *i;
+                        break;
+                    }
+                    x -= w;
+                }
+                pick
+            };
+            let src = &self.sources[source];
+            let c = cursor.sources.entry(src.name.clone()).or_default();
+            let n = cursor.counts.entry(src.name.clone()).or_default();
+            windows.push(next_window(&src.train, c, n, spec));
+        }
+        cursor.rng = rng.state();
+        Batch::from_windows(&windows, phase.window)
+    }
+
+    /// The fixed evaluation batches: belt windows over held-out documents of every source,
+    /// in order, until `train.eval_tokens` targets are covered.
+    pub fn eval_batches(&self, batch_size: usize) -> Vec<Batch> {
+        let window = self.recipe.eval_window();
+        let budget = self.recipe.train.eval_tokens;
+        let spec = WindowSpec {
+            window,
+            mode: Windowing::Belt,
+            overlap: 0,
+            pad: self.tokenizer.pad_id(),
+        };
+        let mut windows = Vec::new();
+        let mut covered = 0u64;
+        'outer: for src in &self.sources {
+            if src.heldout.is_empty() {
+                continue;
+            }
+            let mut c = SourceCursor::default();
+            let mut n = SourceCounts::default();
+            while c.epoch == 0 {
+                let w = next_window(&src.heldout, &mut c, &mut n, spec);
+                covered += w.mask.iter().filter(|m| **m > 0.0).count() as u64;
+                windows.push(w);
+                if covered >= budget {
+                    break 'outer;
+                }
+            }
+        }
+        windows
+            .chunks(batch_size.max(1))
+            .map(|chunk| Batch::from_windows(chunk, window))
+            .collect()
+    }
+
+    /// What one pass over each source yields under a phase's windowing: windows, trained,
+    /// dropped and padded tokens.
+    pub fn windowing_report(&self, phase_index: usize) -> Vec<(String, SourceCounts)> {
+        let phase = &self.recipe.phases[phase_index];
+        let spec = WindowSpec {
+            window: phase.window,
+            mode: phase.windowing,
+            overlap: phase.overlap,
+            pad: self.tokenizer.pad_id(),
+        };
+        self.sources
+            .iter()
+            .filter(|s| phase.sources.contains_key(&s.name))
+            .map(|s| {
+                let mut c = SourceCursor::default();
+                let mut n = SourceCounts::default();
+                while c.epoch == 0 {
+                    next_window(&s.train, &mut c, &mut n, spec);
+                }
+                (s.name.clone(), n)
+            })
+            .collect()
+    }
+}

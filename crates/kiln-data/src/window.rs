@@ -1,0 +1,228 @@
+//! Cutting a source's token stream into training windows: `belt`, `pack` and `truncate`.
+//!
+//! A window of length `W` holds `W + 1` tokens: the model reads the first `W` and predicts
+//! the last `W`. Every document ends with the end-of-text id. Short windows are padded on
+//! the right; padded targets carry a zero loss mask, and with a causal model right padding
+//! never changes the real positions' outputs.
+
+use serde::{Deserialize, Serialize};
+
+use kiln_recipe::Windowing;
+
+/// Where a source stands: which pass over it, which document, which token of it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceCursor {
+    /// Completed passes over the source.
+    pub epoch: u64,
+    /// Index of the current document among the source's training documents.
+    pub document: usize,
+    /// Token offset of the next window inside that document.
+    pub offset: usize,
+}
+
+/// Running token counts of one source, kept in the cursor so resumed runs report the same.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceCounts {
+    /// Windows drawn.
+    pub windows: u64,
+    /// Target tokens trained on (loss mask 1).
+    pub trained: u64,
+    /// Tokens of documents that windowing dropped (`truncate` only).
+    pub dropped: u64,
+    /// Padding positions added to short windows.
+    pub padded: u64,
+    /// Overlap positions seen again as context but not trained twice (`belt` only).
+    pub overlap: u64,
+}
+
+/// One window: `tokens.len() == window + 1`, `mask.len() == window`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Window {
+    /// Input ids followed by the last target id; padded with the pad id.
+    pub tokens: Vec<u32>,
+    /// 1.0 where the target at that position is trained on.
+    pub mask: Vec<f32>,
+}
+
+/// Settings for cutting windows.
+#[derive(Debug, Clone, Copy)]
+pub struct WindowSpec {
+    /// Window length `W`.
+    pub window: usize,
+    /// The windowing mode.
+    pub mode: Windowing,
+    /// Belt overlap.
+    pub overlap: usize,
+    /// Pad id.
+    pub pad: u32,
+}
+
+/// Cuts the next window from `docs` at `cursor`, advancing the cursor and the counts.
+///
+/// `docs` must be non-empty and every document must hold at least two tokens (text plus
+/// end-of-text), which the pipeline guarantees.
+pub fn next_window(
+    docs: &[Vec<u32>],
+    cursor: &mut SourceCursor,
+    counts: &mut SourceCounts,
+    spec: WindowSpec,
+) -> Window {
+    let w = spec.window;
+    let mut tokens = Vec::with_capacity(w + 1);
+    let mut mask = vec![0.0f32; w];
+    match spec.mode {
+        Windowing::Belt => {
+            let doc = &docs[cursor.document];
+            let start = cursor.offset;
+            let end = (start + w + 1).min(doc.len());
+            tokens.extend_from_slice(&doc[start..end]);
+            let targets = end - start - 1;
+            // Positions below `skip` predict tokens the previous window already trained.
+            let skip = if start > 0 { spec.overlap.min(targets) } else { 0 };
+            for m in &mut mask[skip..targets] {
+                *m = 1.0;
+            }
+            counts.overlap += skip as u64;
+            if end >= doc.len() {
+                advance_document(docs, cursor);
+            } else {
+                cursor.offset = start + w - spec.overlap;
+            }
+        }
+        Windowing::Pack => {
+            // Consecutive windows share one boundary token, so every token of the stream is
+            // a target exactly once.
+            while tokens.len() < w + 1 {
+                let doc = &docs[cursor.document];
+                let take = (w + 1 - tokens.len()).min(doc.len() - cursor.offset);
+                tokens.extend_from_slice(&doc[cursor.offset..cursor.offset + take]);
+                cursor.offset += take;
+                if cursor.offset >= doc.len() {
+                    advance_document(docs, cursor);
+                }
+            }
+            // Step back one token: the last target is the next window's first input.
+            if cursor.offset > 0 {
+                cursor.offset -= 1;
+            } else {
+                retreat_to_last_token(docs, cursor);
+            }
+            mask.fill(1.0);
+        }
+        Windowing::Truncate => {
+            let doc = &docs[cursor.document];
+            let end = (w + 1).min(doc.len());
+            tokens.extend_from_slice(&doc[..end]);
+            for m in &mut mask[..end - 1] {
+                *m = 1.0;
+            }
+            counts.dropped += (doc.len() - end) as u64;
+            advance_document(docs, cursor);
+        }
+    }
+    let real = tokens.len();
+    counts.padded += (w + 1 - real) as u64;
+    tokens.resize(w + 1, spec.pad);
+    counts.windows += 1;
+    counts.trained += mask.iter().filter(|m| **m > 0.0).count() as u64;
+    Window { tokens, mask }
+}
+
+fn advance_document(docs: &[Vec<u32>], cursor: &mut SourceCursor) {
+    cursor.offset = 0;
+    cursor.document += 1;
+    if cursor.document >= docs.len() {
+        cursor.document = 0;
+        cursor.epoch += 1;
+    }
+}
+
+/// Moves a cursor that sits at the start of a document back onto the previous document's
+/// last token (crossing an epoch boundary backwards if needed).
+fn retreat_to_last_token(docs: &[Vec<u32>], cursor: &mut SourceCursor) {
+    if cursor.document == 0 {
+        cursor.document = docs.len() - 1;
+        cursor.epoch -= 1;
+    } else {
+        cursor.document -= 1;
+    }
+    cursor.offset = docs[cursor.document].len() - 1;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(window: usize, mode: Windowing, overlap: usize) -> WindowSpec {
+        WindowSpec {
+            window,
+            mode,
+            overlap,
+            pad: 99,
+        }
+    }
+
+    #[test]
+    fn belt_trains_every_token_once_in_order() {
+        let docs = vec![(0..10).collect::<Vec<u32>>(), vec![20, 21, 22]];
+        let mut c = SourceCursor::default();
+        let mut n = SourceCounts::default();
+        let w1 = next_window(&docs, &mut c, &mut n, spec(4, Windowing::Belt, 0));
+        assert_eq!(w1.tokens, vec![0, 1, 2, 3, 4]);
+        assert_eq!(w1.mask, vec![1.0; 4]);
+        let w2 = next_window(&docs, &mut c, &mut n, spec(4, Windowing::Belt, 0));
+        assert_eq!(w2.tokens, vec![4, 5, 6, 7, 8]);
+        let w3 = next_window(&docs, &mut c, &mut n, spec(4, Windowing::Belt, 0));
+        assert_eq!(w3.tokens, vec![8, 9, 99, 99, 99]);
+        assert_eq!(w3.mask, vec![1.0, 0.0, 0.0, 0.0]);
+        let w4 = next_window(&docs, &mut c, &mut n, spec(4, Windowing::Belt, 0));
+        assert_eq!(w4.tokens, vec![20, 21, 22, 99, 99]);
+        assert_eq!(c, SourceCursor { epoch: 1, document: 0, offset: 0 });
+        // 9 targets in the first document, 2 in the second: all trained, none dropped.
+        assert_eq!(n.trained, 11);
+        assert_eq!(n.dropped, 0);
+    }
+
+    #[test]
+    fn belt_overlap_is_context_not_trained_twice() {
+        let docs = vec![(0..10).collect::<Vec<u32>>()];
+        let mut c = SourceCursor::default();
+        let mut n = SourceCounts::default();
+        let s = spec(4, Windowing::Belt, 2);
+        let w1 = next_window(&docs, &mut c, &mut n, s);
+        assert_eq!(w1.tokens, vec![0, 1, 2, 3, 4]);
+        let w2 = next_window(&docs, &mut c, &mut n, s);
+        assert_eq!(w2.tokens, vec![2, 3, 4, 5, 6]);
+        assert_eq!(w2.mask, vec![0.0, 0.0, 1.0, 1.0]);
+        let _ = next_window(&docs, &mut c, &mut n, s);
+        let _ = next_window(&docs, &mut c, &mut n, s);
+        assert_eq!(n.trained, 9, "each of the 9 targets trained exactly once");
+        assert_eq!(c.epoch, 1);
+    }
+
+    #[test]
+    fn pack_streams_across_documents() {
+        let docs = vec![vec![1, 2, 3], vec![4, 5], vec![6, 7, 8, 9]];
+        let mut c = SourceCursor::default();
+        let mut n = SourceCounts::default();
+        let s = spec(3, Windowing::Pack, 0);
+        assert_eq!(next_window(&docs, &mut c, &mut n, s).tokens, vec![1, 2, 3, 4]);
+        assert_eq!(next_window(&docs, &mut c, &mut n, s).tokens, vec![4, 5, 6, 7]);
+        assert_eq!(next_window(&docs, &mut c, &mut n, s).tokens, vec![7, 8, 9, 1]);
+        assert_eq!(c.epoch, 1);
+        assert_eq!(n.padded, 0);
+    }
+
+    #[test]
+    fn truncate_drops_the_rest() {
+        let docs = vec![(0..10).collect::<Vec<u32>>(), vec![1, 2]];
+        let mut c = SourceCursor::default();
+        let mut n = SourceCounts::default();
+        let s = spec(4, Windowing::Truncate, 0);
+        assert_eq!(next_window(&docs, &mut c, &mut n, s).tokens, vec![0, 1, 2, 3, 4]);
+        assert_eq!(n.dropped, 5);
+        let w = next_window(&docs, &mut c, &mut n, s);
+        assert_eq!(w.tokens, vec![1, 2, 99, 99, 99]);
+        assert_eq!(w.mask, vec![1.0, 0.0, 0.0, 0.0]);
+    }
+}
