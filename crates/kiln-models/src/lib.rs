@@ -1,0 +1,282 @@
+//! kiln-models: the model families, generic over the Burn backend.
+//!
+//! A family maps token ids to logits plus named auxiliary losses; everything else (data,
+//! loop, optimizer, checkpoints) is shared. [`Model`] is the one type the trainer sees: an
+//! enum over families, so the loop is monomorphized once per backend, not per family.
+//!
+//! Parameters are addressed by their checkpoint names (`model.layers.0.mlp.up_proj.weight`),
+//! built from the module field names by [`named_params`]; [`load_named`] puts tensors back
+//! and reports every missing, unused or mis-shaped name.
+
+pub mod init;
+pub mod qwen2;
+
+use std::collections::BTreeMap;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::prelude::*;
+
+use kiln_recipe::{ModelFamily, Recipe};
+
+pub use init::Init;
+pub use qwen2::{Qwen2Config, Qwen2ForCausalLM};
+
+/// Errors from building or loading a model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// The recipe lacks the family's table.
+    #[error("model.{0}: missing table for the chosen family")]
+    MissingConfig(&'static str),
+    /// Loaded tensors do not match the model.
+    #[error("{0}")]
+    Load(String),
+}
+
+/// What a forward pass returns.
+#[derive(Debug)]
+pub struct ModelOutput<B: Backend> {
+    /// `[batch, seq, vocab]`.
+    pub logits: Tensor<B, 3>,
+    /// Named auxiliary losses (already weighted), added to the language-model loss.
+    pub aux_losses: Vec<(String, Tensor<B, 1>)>,
+}
+
+/// Every model family kiln trains.
+#[derive(Module, Debug)]
+pub enum Model<B: Backend> {
+    /// A Qwen2 decoder.
+    Qwen2(Qwen2ForCausalLM<B>),
+}
+
+impl<B: Backend> Model<B> {
+    /// Builds the recipe's model with random weights from `run.seed`.
+    pub fn from_recipe(recipe: &Recipe, device: &B::Device) -> Result<Self, ModelError> {
+        let init = Init::new(recipe.run.seed);
+        match ModelSpec::from_recipe(recipe)? {
+            ModelSpec::Qwen2(cfg) => Ok(Self::Qwen2(cfg.init(&init, device))),
+        }
+    }
+
+    /// Logits and auxiliary losses.
+    ///
+    /// # Shapes
+    /// - input_ids: `[batch, seq]`
+    pub fn forward(&self, input_ids: Tensor<B, 2, Int>) -> ModelOutput<B> {
+        match self {
+            Self::Qwen2(m) => ModelOutput {
+                logits: m.forward(input_ids),
+                aux_losses: Vec::new(),
+            },
+        }
+    }
+
+    /// Vocabulary size of the output.
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Self::Qwen2(m) => m.vocab_size,
+        }
+    }
+}
+
+/// Model facts that need no weights: sizes and FLOPs.
+#[derive(Debug, Clone)]
+pub enum ModelSpec {
+    /// A Qwen2 configuration.
+    Qwen2(Qwen2Config),
+}
+
+impl ModelSpec {
+    /// The spec of a recipe's model.
+    pub fn from_recipe(recipe: &Recipe) -> Result<Self, ModelError> {
+        match recipe.model.family {
+            ModelFamily::Qwen2 => Ok(Self::Qwen2(Qwen2Config::from(
+                recipe.model.qwen2.as_ref().ok_or(ModelError::MissingConfig("qwen2"))?,
+            ))),
+        }
+    }
+
+    /// Vocabulary size.
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Self::Qwen2(c) => c.vocab_size,
+        }
+    }
+
+    /// Parameters that enter matrix products per token.
+    pub fn matmul_params(&self) -> u64 {
+        match self {
+            Self::Qwen2(c) => c.matmul_params(),
+        }
+    }
+
+    /// Training (forward + backward) FLOPs per token at sequence length `seq`.
+    pub fn flops_per_token(&self, seq: usize) -> f64 {
+        match self {
+            Self::Qwen2(c) => c.flops_per_token(seq),
+        }
+    }
+}
+
+/// Whether a parameter gets weight decay: matrices do; norms, biases and 1-D scales don't.
+pub fn decays(name: &str, rank: usize) -> bool {
+    rank >= 2 && !name.contains("norm")
+}
+
+/// A parameter's values, host side.
+#[derive(Debug, Clone)]
+pub struct NamedTensor {
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Values, row-major.
+    pub values: Vec<f32>,
+}
+
+/// Tracks the dotted path of the parameter being visited.
+#[derive(Debug, Default)]
+struct PathStack(Vec<String>);
+
+impl PathStack {
+    fn enter(&mut self, name: &str, container: &str) {
+        // Enum variants (`Model::Qwen2`) are not part of checkpoint names.
+        if !container.starts_with("Enum:") {
+            self.0.push(name.to_string());
+        }
+    }
+
+    fn exit(&mut self, _name: &str, container: &str) {
+        if !container.starts_with("Enum:") {
+            self.0.pop();
+        }
+    }
+
+    fn path(&self) -> String {
+        self.0.join(".")
+    }
+}
+
+struct Collect {
+    path: PathStack,
+    out: BTreeMap<String, NamedTensor>,
+}
+
+impl<B: Backend> ModuleVisitor<B> for Collect {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.enter(name, container_type);
+    }
+
+    fn exit_module(&mut self, name: &str, container_type: &str) {
+        self.path.exit(name, container_type);
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let data = param.val().into_data().convert::<f32>();
+        let shape = data.shape.to_vec();
+        let values = data.into_vec::<f32>().expect("converted to f32");
+        self.out.insert(self.path.path(), NamedTensor { shape, values });
+    }
+}
+
+/// Every float parameter of a module, by checkpoint name.
+pub fn named_params<B: Backend, M: Module<B>>(module: &M) -> BTreeMap<String, NamedTensor> {
+    let mut c = Collect {
+        path: PathStack::default(),
+        out: BTreeMap::new(),
+    };
+    module.visit(&mut c);
+    c.out
+}
+
+/// Names and shapes of every float parameter, without reading values.
+pub fn param_shapes<B: Backend, M: Module<B>>(module: &M) -> BTreeMap<String, Vec<usize>> {
+    struct Shapes(PathStack, BTreeMap<String, Vec<usize>>);
+    impl<B: Backend> ModuleVisitor<B> for Shapes {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.0.enter(name, container_type);
+        }
+        fn exit_module(&mut self, name: &str, container_type: &str) {
+            self.0.exit(name, container_type);
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            self.1.insert(self.0.path(), param.val().dims().to_vec());
+        }
+    }
+    let mut s = Shapes(PathStack::default(), BTreeMap::new());
+    module.visit(&mut s);
+    s.1
+}
+
+struct Load<'a, B: Backend> {
+    path: PathStack,
+    tensors: &'a mut BTreeMap<String, NamedTensor>,
+    device: B::Device,
+    missing: Vec<String>,
+    mismatched: Vec<String>,
+}
+
+impl<B: Backend> ModuleMapper<B> for Load<'_, B> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.enter(name, container_type);
+    }
+
+    fn exit_module(&mut self, name: &str, container_type: &str) {
+        self.path.exit(name, container_type);
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let name = self.path.path();
+        let (id, tensor, mapper) = param.consume();
+        let Some(loaded) = self.tensors.remove(&name) else {
+            self.missing.push(name);
+            return Param::from_mapped_value(id, tensor, mapper);
+        };
+        let expected = tensor.dims().to_vec();
+        if loaded.shape != expected {
+            self.mismatched.push(format!(
+                "{name}: expected shape {expected:?}, found {:?}",
+                loaded.shape
+            ));
+            return Param::from_mapped_value(id, tensor, mapper);
+        }
+        let require_grad = tensor.is_require_grad();
+        let mut new = Tensor::<B, D>::from_data(TensorData::new(loaded.values, loaded.shape), &self.device);
+        if require_grad {
+            new = new.require_grad();
+        }
+        Param::from_mapped_value(id, new, mapper)
+    }
+}
+
+/// Replaces every float parameter by the tensor of the same name.
+///
+/// Fails, listing them all, if any parameter has no tensor, a tensor has the wrong shape,
+/// or a tensor matches no parameter. `tensors` is consumed.
+pub fn load_named<B: Backend, M: Module<B>>(
+    module: M,
+    mut tensors: BTreeMap<String, NamedTensor>,
+    device: &B::Device,
+) -> Result<M, ModelError> {
+    let mut load = Load::<B> {
+        path: PathStack::default(),
+        tensors: &mut tensors,
+        device: device.clone(),
+        missing: Vec::new(),
+        mismatched: Vec::new(),
+    };
+    let module = module.map(&mut load);
+    let (missing, mismatched) = (load.missing, load.mismatched);
+    let unused: Vec<String> = tensors.into_keys().collect();
+    if missing.is_empty() && mismatched.is_empty() && unused.is_empty() {
+        return Ok(module);
+    }
+    let mut msg = String::from("weights do not match the model:");
+    for m in &mismatched {
+        msg.push_str(&format!("\n  shape mismatch: {m}"));
+    }
+    if !missing.is_empty() {
+        msg.push_str(&format!("\n  missing: {}", missing.join(", ")));
+    }
+    if !unused.is_empty() {
+        msg.push_str(&format!("\n  unused: {}", unused.join(", ")));
+    }
+    Err(ModelError::Load(msg))
+}

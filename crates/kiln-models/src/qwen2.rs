@@ -1,0 +1,366 @@
+//! Qwen2 / Qwen2.5 decoder (Hugging Face `Qwen2ForCausalLM`).
+//!
+//! Pre-norm decoder: RMSNorm (eps 1e-6), grouped-query attention with bias on q/k/v only,
+//! rotate-half RoPE (Hugging Face pairing: dimension `i` rotates with `i + head_dim/2`, not
+//! Burn's interleaved `RotaryEncoding`), SwiGLU MLP, optional tied embeddings.
+//! Field names are the checkpoint keys (`model.layers.{i}.self_attn.q_proj`, ...) so that
+//! loading needs no renaming. Burn's `Linear.weight` is `[in, out]`; Hugging Face's is
+//! `[out, in]`: importers transpose.
+//!
+//! Reference: Qwen2 technical report (arXiv:2407.10671) and `modeling_qwen2.py` in
+//! `transformers`.
+
+use burn::module::{Module, Param};
+use burn::nn::Linear;
+use burn::prelude::*;
+use burn::tensor::activation::{silu, softmax};
+
+use kiln_recipe::Qwen2Section;
+
+use crate::init::Init;
+
+/// Resolved Qwen2 configuration (no optional fields).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Qwen2Config {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Residual width.
+    pub hidden_size: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Decoder layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads.
+    pub num_key_value_heads: usize,
+    /// Longest supported sequence.
+    pub max_position_embeddings: usize,
+    /// RoPE base.
+    pub rope_theta: f64,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// Whether the output head shares the embedding matrix.
+    pub tie_word_embeddings: bool,
+    /// Standard deviation of the normal initialization.
+    pub initializer_range: f64,
+}
+
+impl From<&Qwen2Section> for Qwen2Config {
+    fn from(s: &Qwen2Section) -> Self {
+        Self {
+            vocab_size: s.vocab_size,
+            hidden_size: s.hidden_size,
+            intermediate_size: s.intermediate_size,
+            num_hidden_layers: s.num_hidden_layers,
+            num_attention_heads: s.num_attention_heads,
+            num_key_value_heads: s.num_key_value_heads,
+            max_position_embeddings: s.max_position_embeddings,
+            rope_theta: s.rope_theta,
+            rms_norm_eps: s.rms_norm_eps,
+            tie_word_embeddings: s.tie_word_embeddings,
+            initializer_range: s.initializer_range,
+        }
+    }
+}
+
+impl Qwen2Config {
+    /// Width of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    /// Parameters that take part in matrix products per token (everything but the
+    /// embedding lookup; a tied head counts once as the head).
+    pub fn matmul_params(&self) -> u64 {
+        let h = self.hidden_size as u64;
+        let d = self.head_dim() as u64;
+        let q = self.num_attention_heads as u64 * d;
+        let kv = self.num_key_value_heads as u64 * d;
+        let i = self.intermediate_size as u64;
+        let per_layer = h * q + 2 * h * kv + q * h + 3 * h * i;
+        per_layer * self.num_hidden_layers as u64 + self.vocab_size as u64 * h
+    }
+
+    /// Training FLOPs per token at sequence length `seq` (forward + backward):
+    /// `6 * matmul_params + 12 * layers * heads * head_dim * seq` (PaLM's estimate).
+    pub fn flops_per_token(&self, seq: usize) -> f64 {
+        let attn = 12.0
+            * self.num_hidden_layers as f64
+            * (self.num_attention_heads * self.head_dim()) as f64
+            * seq as f64;
+        6.0 * self.matmul_params() as f64 + attn
+    }
+
+    /// Builds the model with random weights drawn from `init`.
+    pub fn init<B: Backend>(&self, init: &Init, device: &B::Device) -> Qwen2ForCausalLM<B> {
+        let std = self.initializer_range;
+        let h = self.hidden_size;
+        let d = self.head_dim();
+        let q = self.num_attention_heads * d;
+        let kv = self.num_key_value_heads * d;
+        let layers = (0..self.num_hidden_layers)
+            .map(|i| {
+                let p = format!("model.layers.{i}");
+                DecoderLayer {
+                    self_attn: Attention {
+                        q_proj: init.linear(&format!("{p}.self_attn.q_proj"), h, q, true, std, device),
+                        k_proj: init.linear(&format!("{p}.self_attn.k_proj"), h, kv, true, std, device),
+                        v_proj: init.linear(&format!("{p}.self_attn.v_proj"), h, kv, true, std, device),
+                        o_proj: init.linear(&format!("{p}.self_attn.o_proj"), q, h, false, std, device),
+                        num_heads: self.num_attention_heads,
+                        num_kv_heads: self.num_key_value_heads,
+                        head_dim: d,
+                    },
+                    mlp: Mlp {
+                        gate_proj: init.linear(&format!("{p}.mlp.gate_proj"), h, self.intermediate_size, false, std, device),
+                        up_proj: init.linear(&format!("{p}.mlp.up_proj"), h, self.intermediate_size, false, std, device),
+                        down_proj: init.linear(&format!("{p}.mlp.down_proj"), self.intermediate_size, h, false, std, device),
+                    },
+                    input_layernorm: RmsNorm::new(h, self.rms_norm_eps, device),
+                    post_attention_layernorm: RmsNorm::new(h, self.rms_norm_eps, device),
+                }
+            })
+            .collect();
+        let embed_tokens = burn::nn::Embedding {
+            weight: init.normal("model.embed_tokens.weight", [self.vocab_size, h], std, device),
+        };
+        let lm_head = (!self.tie_word_embeddings)
+            .then(|| init.linear("lm_head", h, self.vocab_size, false, std, device));
+        Qwen2ForCausalLM {
+            model: Qwen2Model {
+                embed_tokens,
+                layers,
+                norm: RmsNorm::new(h, self.rms_norm_eps, device),
+            },
+            lm_head,
+            rope_theta: self.rope_theta,
+            vocab_size: self.vocab_size,
+        }
+    }
+}
+
+/// Root-mean-square layer norm with a learned scale (`weight`, as in the checkpoints).
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    /// Scale, `[hidden]`, initialized to ones.
+    pub weight: Param<Tensor<B, 1>>,
+    /// Epsilon added to the mean square.
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    /// A norm of width `dim` with unit scale.
+    pub fn new(dim: usize, eps: f64, device: &B::Device) -> Self {
+        Self {
+            weight: Param::from_tensor(Tensor::ones([dim], device)),
+            eps,
+        }
+    }
+
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]` -> `[batch, seq, hidden]`
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let rms = x.clone().square().mean_dim(2).add_scalar(self.eps).sqrt(); // [batch, seq, 1]
+        x.div(rms).mul(self.weight.val().unsqueeze::<3>())
+    }
+}
+
+/// Grouped-query self-attention.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    /// `[hidden, heads * head_dim]`, with bias.
+    pub q_proj: Linear<B>,
+    /// `[hidden, kv_heads * head_dim]`, with bias.
+    pub k_proj: Linear<B>,
+    /// `[hidden, kv_heads * head_dim]`, with bias.
+    pub v_proj: Linear<B>,
+    /// `[heads * head_dim, hidden]`, no bias.
+    pub o_proj: Linear<B>,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads.
+    pub num_kv_heads: usize,
+    /// Width of a head.
+    pub head_dim: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]`
+    /// - rope: cos and sin, each `[seq, head_dim]`
+    /// - causal_bias: `[groups * seq, seq]`, 0 where visible and -inf above the diagonal
+    /// - returns `[batch, seq, hidden]`
+    pub fn forward(&self, x: Tensor<B, 3>, rope: &Rope<B>, causal_bias: &Tensor<B, 2>) -> Tensor<B, 3> {
+        let [b, t, _] = x.dims();
+        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let g = h / kvh;
+        let q = self.q_proj.forward(x.clone()).reshape([b, t, h, d]).swap_dims(1, 2); // [b, h, t, d]
+        let k = self.k_proj.forward(x.clone()).reshape([b, t, kvh, d]).swap_dims(1, 2); // [b, kvh, t, d]
+        let v = self.v_proj.forward(x).reshape([b, t, kvh, d]).swap_dims(1, 2); // [b, kvh, t, d]
+        let q = rope.apply(q);
+        let k = rope.apply(k);
+        // Query head `i` uses key/value head `i / g` (Hugging Face's `repeat_kv`): fold the
+        // `g` query heads of a group into the sequence axis instead of copying K and V.
+        let q = q.reshape([b, kvh, g * t, d]); // [b, kvh, g*t, d]
+        let scale = 1.0 / (d as f64).sqrt();
+        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale); // [b, kvh, g*t, t]
+        let scores = scores.add(causal_bias.clone().unsqueeze::<4>());
+        let probs = softmax(scores, 3);
+        let out = probs.matmul(v); // [b, kvh, g*t, d]
+        let out = out.reshape([b, h, t, d]).swap_dims(1, 2).reshape([b, t, h * d]); // [b, t, h*d]
+        self.o_proj.forward(out)
+    }
+}
+
+/// SwiGLU feed-forward block.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    /// `[hidden, intermediate]`.
+    pub gate_proj: Linear<B>,
+    /// `[hidden, intermediate]`.
+    pub up_proj: Linear<B>,
+    /// `[intermediate, hidden]`.
+    pub down_proj: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]` -> `[batch, seq, hidden]`
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let gate = silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate.mul(self.up_proj.forward(x)))
+    }
+}
+
+/// One pre-norm decoder layer.
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    /// Self-attention.
+    pub self_attn: Attention<B>,
+    /// Feed-forward.
+    pub mlp: Mlp<B>,
+    /// Norm before attention.
+    pub input_layernorm: RmsNorm<B>,
+    /// Norm before the MLP.
+    pub post_attention_layernorm: RmsNorm<B>,
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]` -> `[batch, seq, hidden]`
+    pub fn forward(&self, x: Tensor<B, 3>, rope: &Rope<B>, causal_bias: &Tensor<B, 2>) -> Tensor<B, 3> {
+        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rope, causal_bias);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
+}
+
+/// The decoder stack (`model.*` in checkpoints).
+#[derive(Module, Debug)]
+pub struct Qwen2Model<B: Backend> {
+    /// Token embedding, `[vocab, hidden]`.
+    pub embed_tokens: burn::nn::Embedding<B>,
+    /// Decoder layers.
+    pub layers: Vec<DecoderLayer<B>>,
+    /// Final norm.
+    pub norm: RmsNorm<B>,
+}
+
+/// Qwen2 with its language-model head.
+#[derive(Module, Debug)]
+pub struct Qwen2ForCausalLM<B: Backend> {
+    /// The decoder.
+    pub model: Qwen2Model<B>,
+    /// Output head `[hidden, vocab]`; absent when tied to the embedding.
+    pub lm_head: Option<Linear<B>>,
+    /// RoPE base.
+    pub rope_theta: f64,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+}
+
+impl<B: Backend> Qwen2ForCausalLM<B> {
+    /// Logits for every position.
+    ///
+    /// # Shapes
+    /// - input_ids: `[batch, seq]`
+    /// - returns `[batch, seq, vocab]`
+    pub fn forward(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let device = input_ids.device();
+        let [_, t] = input_ids.dims();
+        let first = &self.model.layers[0].self_attn;
+        let g = first.num_heads / first.num_kv_heads;
+        let rope = Rope::new(t, first.head_dim, self.rope_theta, &device);
+        let causal_bias = causal_bias::<B>(t, g, &device);
+        let mut x = self.model.embed_tokens.forward(input_ids); // [b, t, hidden]
+        for layer in &self.model.layers {
+            x = layer.forward(x, &rope, &causal_bias);
+        }
+        let x = self.model.norm.forward(x);
+        match &self.lm_head {
+            Some(head) => head.forward(x),
+            None => {
+                let w = self.model.embed_tokens.weight.val().transpose(); // [hidden, vocab]
+                x.matmul(w.unsqueeze::<3>())
+            }
+        }
+    }
+}
+
+/// Rotate-half rotary embedding tables for one sequence length.
+#[derive(Debug, Clone)]
+pub struct Rope<B: Backend> {
+    cos: Tensor<B, 2>,
+    sin: Tensor<B, 2>,
+}
+
+impl<B: Backend> Rope<B> {
+    /// Tables for positions `0..seq`, computed in f64 on the host then stored as f32.
+    pub fn new(seq: usize, head_dim: usize, theta: f64, device: &B::Device) -> Self {
+        let half = head_dim / 2;
+        let mut cos = Vec::with_capacity(seq * head_dim);
+        let mut sin = Vec::with_capacity(seq * head_dim);
+        for pos in 0..seq {
+            for j in 0..head_dim {
+                let i = j % half;
+                let inv_freq = 1.0 / theta.powf((2 * i) as f64 / head_dim as f64);
+                // Hugging Face computes the angle in f32.
+                let angle = (pos as f32) * (inv_freq as f32);
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Self {
+            cos: Tensor::from_data(TensorData::new(cos, [seq, head_dim]), device),
+            sin: Tensor::from_data(TensorData::new(sin, [seq, head_dim]), device),
+        }
+    }
+
+    /// `x * cos + rotate_half(x) * sin`.
+    ///
+    /// # Shapes
+    /// - x: `[batch, heads, seq, head_dim]` -> same
+    pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let d = x.dims()[3];
+        let half = d / 2;
+        let x1 = x.clone().narrow(3, 0, half);
+        let x2 = x.clone().narrow(3, half, half);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        x.mul(self.cos.clone().unsqueeze::<4>()) + rotated.mul(self.sin.clone().unsqueeze::<4>())
+    }
+}
+
+/// Additive causal mask for `groups` query heads folded into the sequence axis.
+///
+/// # Shapes
+/// - returns `[groups * seq, seq]`: row `r` is query position `r % seq`
+fn causal_bias<B: Backend>(seq: usize, groups: usize, device: &B::Device) -> Tensor<B, 2> {
+    let mut bias = vec![0.0f32; groups * seq * seq];
+    for r in 0..groups * seq {
+        let pos = r % seq;
+        for c in pos + 1..seq {
+            bias[r * seq + c] = f32::NEG_INFINITY;
+        }
+    }
+    Tensor::from_data(TensorData::new(bias, [groups * seq, seq]), device)
+}
