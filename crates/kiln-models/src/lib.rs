@@ -102,6 +102,20 @@ impl ModelSpec {
         }
     }
 
+    /// Number of parameters.
+    pub fn num_params(&self) -> u64 {
+        match self {
+            Self::Qwen2(c) => c.num_params(),
+        }
+    }
+
+    /// Rough activation bytes per token kept for backward (see the family's docs).
+    pub fn activation_bytes_per_token(&self, seq: usize) -> u64 {
+        match self {
+            Self::Qwen2(c) => c.activation_bytes_per_token(seq),
+        }
+    }
+
     /// Parameters that enter matrix products per token.
     pub fn matmul_params(&self) -> u64 {
         match self {
@@ -131,25 +145,29 @@ pub struct NamedTensor {
     pub values: Vec<f32>,
 }
 
-/// Tracks the dotted path of the parameter being visited.
+/// Tracks the dotted checkpoint name of the parameter being visited, for use in
+/// `ModuleVisitor` / `ModuleMapper` implementations.
 #[derive(Debug, Default)]
-struct PathStack(Vec<String>);
+pub struct PathStack(Vec<String>);
 
 impl PathStack {
-    fn enter(&mut self, name: &str, container: &str) {
+    /// Call from `enter_module`.
+    pub fn enter(&mut self, name: &str, container: &str) {
         // Enum variants (`Model::Qwen2`) are not part of checkpoint names.
         if !container.starts_with("Enum:") {
             self.0.push(name.to_string());
         }
     }
 
-    fn exit(&mut self, _name: &str, container: &str) {
+    /// Call from `exit_module`.
+    pub fn exit(&mut self, _name: &str, container: &str) {
         if !container.starts_with("Enum:") {
             self.0.pop();
         }
     }
 
-    fn path(&self) -> String {
+    /// The current dotted name.
+    pub fn path(&self) -> String {
         self.0.join(".")
     }
 }

@@ -82,6 +82,29 @@ impl Qwen2Config {
         per_layer * self.num_hidden_layers as u64 + self.vocab_size as u64 * h
     }
 
+    /// Number of parameters.
+    pub fn num_params(&self) -> u64 {
+        let (h, d) = (self.hidden_size as u64, self.head_dim() as u64);
+        let q = self.num_attention_heads as u64 * d;
+        let kv = self.num_key_value_heads as u64 * d;
+        let i = self.intermediate_size as u64;
+        let v = self.vocab_size as u64;
+        let per_layer = (h * q + q) + 2 * (h * kv + kv) + q * h + 3 * h * i + 2 * h;
+        let head = if self.tie_word_embeddings { 0 } else { v * h };
+        v * h + per_layer * self.num_hidden_layers as u64 + h + head
+    }
+
+    /// Rough bytes of activations kept for the backward pass, per token, in f32 without
+    /// activation checkpointing (inputs of every matrix product, attention scores and
+    /// probabilities, MLP intermediates, and logits with their gradient).
+    pub fn activation_bytes_per_token(&self, seq: usize) -> u64 {
+        let h = self.hidden_size as u64;
+        let i = self.intermediate_size as u64;
+        let heads = self.num_attention_heads as u64;
+        let per_layer = 10 * h + 5 * i + 2 * heads * seq as u64;
+        4 * (per_layer * self.num_hidden_layers as u64 + 3 * self.vocab_size as u64)
+    }
+
     /// Training FLOPs per token at sequence length `seq` (forward + backward):
     /// `6 * matmul_params + 12 * layers * heads * head_dim * seq` (PaLM's estimate).
     pub fn flops_per_token(&self, seq: usize) -> f64 {
@@ -195,11 +218,11 @@ impl<B: Backend> Attention<B> {
         let [b, t, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let g = h / kvh;
-        let q = self.q_proj.forward(x.clone()).reshape([b, t, h, d]).swap_dims(1, 2); // [b, h, t, d]
-        let k = self.k_proj.forward(x.clone()).reshape([b, t, kvh, d]).swap_dims(1, 2); // [b, kvh, t, d]
+        // RoPE is applied in the projections' own [b, t, heads, d] layout, where the tensors
+        // are contiguous, before moving heads in front of the sequence.
+        let q = rope.apply(self.q_proj.forward(x.clone()).reshape([b, t, h, d])).swap_dims(1, 2); // [b, h, t, d]
+        let k = rope.apply(self.k_proj.forward(x.clone()).reshape([b, t, kvh, d])).swap_dims(1, 2); // [b, kvh, t, d]
         let v = self.v_proj.forward(x).reshape([b, t, kvh, d]).swap_dims(1, 2); // [b, kvh, t, d]
-        let q = rope.apply(q);
-        let k = rope.apply(k);
         // Query head `i` uses key/value head `i / g` (Hugging Face's `repeat_kv`): fold the
         // `g` query heads of a group into the sequence axis instead of copying K and V.
         let q = q.reshape([b, kvh, g * t, d]); // [b, kvh, g*t, d]
@@ -339,14 +362,16 @@ impl<B: Backend> Rope<B> {
     /// `x * cos + rotate_half(x) * sin`.
     ///
     /// # Shapes
-    /// - x: `[batch, heads, seq, head_dim]` -> same
+    /// - x: `[batch, seq, heads, head_dim]` -> same
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let d = x.dims()[3];
+        let [_, t, _, d] = x.dims();
         let half = d / 2;
         let x1 = x.clone().narrow(3, 0, half);
         let x2 = x.clone().narrow(3, half, half);
         let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        x.mul(self.cos.clone().unsqueeze::<4>()) + rotated.mul(self.sin.clone().unsqueeze::<4>())
+        let cos = self.cos.clone().reshape([1, t, 1, d]);
+        let sin = self.sin.clone().reshape([1, t, 1, d]);
+        x.mul(cos) + rotated.mul(sin)
     }
 }
 

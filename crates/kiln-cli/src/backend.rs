@@ -1,0 +1,63 @@
+//! The only place a concrete Burn backend is chosen: each job is monomorphized once per
+//! backend here, at the edge.
+
+use anyhow::{Result, bail};
+use burn::backend::{Autodiff, Flex, NdArray};
+use burn::tensor::backend::AutodiffBackend;
+
+use kiln_recipe::{BackendKind, Recipe};
+
+/// Work that runs on whichever backend the recipe names.
+pub trait Job {
+    /// What the job returns.
+    type Output;
+    /// Runs the job on backend `B` (an autodiff backend; `B::InnerBackend` for inference).
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<Self::Output>;
+}
+
+/// Runs `job` on the recipe's backend and device.
+pub fn dispatch<J: Job>(recipe: &Recipe, job: J) -> Result<J::Output> {
+    match recipe.run.backend {
+        BackendKind::Flex => job.run::<Autodiff<Flex>>(burn::backend::flex::FlexDevice),
+        BackendKind::Ndarray => job.run::<Autodiff<NdArray>>(burn::backend::ndarray::NdArrayDevice::Cpu),
+        BackendKind::Cuda => run_cuda(recipe, job),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn run_cuda<J: Job>(recipe: &Recipe, job: J) -> Result<J::Output> {
+    probe_libcuda()?;
+    let index = recipe
+        .run
+        .device
+        .strip_prefix("cuda:")
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or(0);
+    job.run::<Autodiff<burn::backend::Cuda>>(burn::backend::cuda::CudaDevice::new(index))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda<J: Job>(_recipe: &Recipe, _job: J) -> Result<J::Output> {
+    bail!(
+        "run.backend = \"cuda\", but this kiln was built without CUDA support: rebuild with \
+         `cargo build --release --features cuda`, or set `--set run.backend=flex --set run.device=cpu`"
+    )
+}
+
+/// Fails with a clear message when the NVIDIA driver library cannot be loaded, instead of
+/// letting cudarc panic later.
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+fn probe_libcuda() -> Result<()> {
+    for name in ["libcuda.so.1", "libcuda.so", "nvcuda.dll"] {
+        // SAFETY: loading the NVIDIA driver library runs only its own initializers, the
+        // same library that cudarc loads right after; nothing is called through it here.
+        if unsafe { libloading::Library::new(name) }.is_ok() {
+            return Ok(());
+        }
+    }
+    bail!(
+        "run.backend = \"cuda\", but the NVIDIA driver library (libcuda.so.1) was not found on \
+         this machine: install the NVIDIA driver, or run on CPU with `--set run.backend=flex --set run.device=cpu`"
+    )
+}

@@ -1,0 +1,276 @@
+//! `kiln`: train language models from declarative TOML recipes.
+
+mod backend;
+mod inspect;
+mod progress;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::backend::AutodiffBackend;
+use clap::{Parser, Subcommand};
+
+use kiln_recipe::{Recipe, diff_keys};
+use kiln_train::checkpoint::{find_checkpoint, newest_valid_checkpoint, remove_stale_temporaries};
+use kiln_train::{Checkpoint, Control, Outcome, RunDir};
+
+use backend::{Job, dispatch};
+use progress::Progress;
+
+/// Exit status when a run stopped on a signal (after writing a checkpoint).
+const EXIT_INTERRUPTED: u8 = 130;
+/// Exit status when a run stopped at `run.max_wall_time` or `--stop-after` (after writing a
+/// checkpoint).
+const EXIT_PAUSED: u8 = 75;
+
+#[derive(Parser)]
+#[command(
+    name = "kiln",
+    version,
+    about = "Train language models from declarative TOML recipes",
+    long_about = "Train language models from declarative TOML recipes.\n\n\
+        A recipe names a model family, its data, its curriculum phases and its backend. \
+        `kiln train` runs it into a run directory (<run.out_dir>/<run.name>/) holding the \
+        resolved recipe, metrics.jsonl and checkpoints; `kiln resume` continues it exactly.",
+    after_help = "Exit status: 0 done, 1 error, 2 usage error, 75 stopped at run.max_wall_time \
+        or --stop-after (resumable), 130 interrupted by a signal (resumable).\n\
+        Environment: NO_COLOR disables colors; KILN_LOG sets the log filter (e.g. `debug`)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a recipe from scratch into a new run directory.
+    Train {
+        /// The recipe file (TOML).
+        recipe: PathBuf,
+        /// Override a recipe key before validation, e.g. `--set phases[0].window=256` or
+        /// `--set optim.lr=3e-4`; repeatable.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Directory to create the run directory in (overrides `run.out_dir`).
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// Delete an existing run of the same name instead of refusing to start.
+        #[arg(long)]
+        overwrite: bool,
+        /// Stop after N optimizer steps (checkpoint, exit status 75), e.g. to fit a job slot.
+        #[arg(long, value_name = "N")]
+        stop_after: Option<u64>,
+    },
+    /// Continue a run from its newest complete checkpoint.
+    Resume {
+        /// The run directory (`<run.out_dir>/<run.name>`).
+        run_dir: PathBuf,
+        /// Override a key of the run's recipe (refused unless --allow-recipe-change).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Accept a recipe that differs from the one the checkpoint was written with.
+        #[arg(long)]
+        allow_recipe_change: bool,
+        /// Stop after N more optimizer steps (checkpoint, exit status 75).
+        #[arg(long, value_name = "N")]
+        stop_after: Option<u64>,
+    },
+    /// Evaluate a checkpoint on the recipe's held-out data (JSON on stdout).
+    Eval {
+        /// The run directory.
+        run_dir: PathBuf,
+        /// Which checkpoint: `step-N`, `N` or `latest`.
+        #[arg(long, default_value = "latest", value_name = "step-N")]
+        checkpoint: String,
+    },
+    /// Show the resolved recipe, parameter count, tokens per step, data and memory estimate.
+    Inspect {
+        /// The recipe file (TOML).
+        recipe: PathBuf,
+        /// Override a recipe key, as for `train`.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Skip reading the data sources.
+        #[arg(long)]
+        no_data: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::env::var_os("NO_COLOR").is_none())
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Train {
+            recipe,
+            set,
+            out,
+            overwrite,
+            stop_after,
+        } => {
+            let mut set = set;
+            if let Some(out) = out {
+                set.push(format!("run.out_dir={}", toml_string(&out)));
+            }
+            let loaded = kiln_recipe::load(&recipe, &set)?;
+            let run = RunDir::create(&loaded.recipe, overwrite)?;
+            eprintln!(
+                "training `{}` ({} on {}) into {}",
+                recipe.display(),
+                loaded.recipe.model.family.as_str(),
+                loaded.recipe.run.backend.as_str(),
+                run.path().display()
+            );
+            train(loaded.recipe, run, None, stop_after)
+        }
+        Command::Resume {
+            run_dir,
+            set,
+            allow_recipe_change,
+            stop_after,
+        } => {
+            let run = RunDir::open(&run_dir)?;
+            let loaded = run.load_recipe(&set)?;
+            for removed in remove_stale_temporaries(&run_dir) {
+                eprintln!("removed an unfinished checkpoint write: {}", removed.display());
+            }
+            let (checkpoint, warnings) = newest_valid_checkpoint(&run_dir);
+            for w in warnings {
+                eprintln!("warning: {w}");
+            }
+            if let Some(ckpt) = &checkpoint {
+                let saved = kiln_recipe::from_str(&ckpt.recipe_toml, &ckpt.dir.join("recipe.toml"), &[])
+                    .context("reading the checkpoint's recipe")?;
+                let changes = diff_keys(&saved.recipe, &loaded.recipe);
+                if !changes.is_empty() {
+                    if !allow_recipe_change {
+                        bail!(
+                            "the recipe differs from the one checkpoint `{}` was written with:\n  {}\n\
+                             resume with the original recipe, or pass --allow-recipe-change to continue with the new one",
+                            ckpt.dir.display(),
+                            changes.join("\n  ")
+                        );
+                    }
+                    eprintln!("warning: continuing with a changed recipe:\n  {}", changes.join("\n  "));
+                }
+            } else {
+                eprintln!("no complete checkpoint in {}: starting the run from step 0", run_dir.display());
+            }
+            run.write_recipe(&loaded.recipe)?;
+            train(loaded.recipe, run, checkpoint, stop_after)
+        }
+        Command::Eval { run_dir, checkpoint } => {
+            let run = RunDir::open(&run_dir)?;
+            let recipe = run.load_recipe(&[])?.recipe;
+            let ckpt = find_checkpoint(&run_dir, &checkpoint)?;
+            let metrics = dispatch(&recipe, EvalJob { recipe: &recipe, checkpoint: ckpt })?;
+            eprintln!(
+                "step {} | eval_loss {:.4} | perplexity {:.2} | bits/byte {:.4} | {} tokens",
+                metrics.step, metrics.eval_loss, metrics.perplexity, metrics.bits_per_byte, metrics.eval_tokens
+            );
+            println!("{}", serde_json::to_string_pretty(&metrics)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Inspect { recipe, set, no_data } => {
+            let loaded = kiln_recipe::load(&recipe, &set)?;
+            inspect::inspect(&loaded, !no_data)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// A path as a TOML string literal (for `--out`).
+fn toml_string(path: &Path) -> String {
+    toml::Value::String(path.display().to_string()).to_string()
+}
+
+struct TrainJob<'a> {
+    recipe: &'a Recipe,
+    run: &'a RunDir,
+    start: Option<Checkpoint>,
+    stop: Arc<AtomicBool>,
+    stop_after: Option<u64>,
+}
+
+impl Job for TrainJob<'_> {
+    type Output = Outcome;
+
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<Outcome> {
+        let mut progress = Progress::new();
+        let control = Control {
+            stop: &self.stop,
+            stop_after_steps: self.stop_after,
+        };
+        let result = kiln_train::train::<B>(&device, self.recipe, self.run, self.start, &mut progress, &control);
+        progress.finish();
+        Ok(result?)
+    }
+}
+
+struct EvalJob<'a> {
+    recipe: &'a Recipe,
+    checkpoint: Checkpoint,
+}
+
+impl Job for EvalJob<'_> {
+    type Output = kiln_train::EvalMetrics;
+
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<Self::Output> {
+        Ok(kiln_train::evaluate_checkpoint::<B::InnerBackend>(&device, self.recipe, self.checkpoint)?)
+    }
+}
+
+fn train(recipe: Recipe, run: RunDir, start: Option<Checkpoint>, stop_after: Option<u64>) -> Result<ExitCode> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // A second signal while the first is being handled exits at once.
+        signal_hook::flag::register_conditional_shutdown(signal, 1, Arc::clone(&stop))
+            .context("installing the signal handler")?;
+        signal_hook::flag::register(signal, Arc::clone(&stop)).context("installing the signal handler")?;
+    }
+    let outcome = dispatch(
+        &recipe,
+        TrainJob {
+            recipe: &recipe,
+            run: &run,
+            start,
+            stop,
+            stop_after,
+        },
+    )
+    .with_context(|| format!("run {}", run.path().display()))?;
+    let dir = run.path().display();
+    match outcome {
+        Outcome::Finished => {
+            eprintln!("done: {dir}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Outcome::Interrupted => {
+            eprintln!("interrupted: checkpoint written; continue with `kiln resume {dir}`");
+            Ok(ExitCode::from(EXIT_INTERRUPTED))
+        }
+        Outcome::Paused => {
+            eprintln!("stopped at the time or step limit: checkpoint written; continue with `kiln resume {dir}`");
+            Ok(ExitCode::from(EXIT_PAUSED))
+        }
+    }
+}

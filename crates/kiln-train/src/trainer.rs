@@ -1,0 +1,406 @@
+//! The training loop and evaluation.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use burn::module::AutodiffModule;
+use burn::prelude::*;
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::AutodiffBackend;
+
+use kiln_data::{Batch, DataPipeline, Tokenizer};
+use kiln_models::{Model, ModelSpec, NamedTensor, load_named, named_params};
+use kiln_recipe::Recipe;
+
+use crate::checkpoint::{Checkpoint, TrainState, write_checkpoint};
+use crate::metrics::MetricsLog;
+use crate::optim::{AdamW, GradAccumulator, Moments};
+use crate::run::{RunDir, RunStatus};
+use crate::schedule::Schedule;
+use crate::{EvalMetrics, Event, Observer, Outcome, StepMetrics, TrainError};
+
+/// Summed negative log-likelihood over the masked targets of a batch.
+///
+/// # Shapes
+/// - logits: `[batch, seq, vocab]`
+/// - returns `[1]` (the sum) and, when `per_token`, `[batch * seq]` masked losses
+fn masked_nll<B: Backend>(logits: Tensor<B, 3>, batch: &Batch, device: &B::Device) -> (Tensor<B, 1>, Tensor<B, 1>) {
+    let [b, t, v] = logits.dims();
+    let logp = log_softmax(logits.reshape([b * t, v]), 1); // [b*t, v]
+    let targets: Vec<i64> = batch.targets.iter().map(|&x| i64::from(x)).collect();
+    let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [b * t, 1]), device);
+    let mask = Tensor::<B, 1>::from_data(TensorData::new(batch.mask.clone(), [b * t]), device);
+    let picked = logp.gather(1, targets).reshape([b * t]); // [b*t]
+    let per_token = picked.neg().mul(mask);
+    (per_token.clone().sum(), per_token)
+}
+
+fn input_tensor<B: Backend>(batch: &Batch, device: &B::Device) -> Tensor<B, 2, Int> {
+    let ids: Vec<i64> = batch.inputs.iter().map(|&x| i64::from(x)).collect();
+    Tensor::from_data(TensorData::new(ids, [batch.batch_size, batch.window]), device)
+}
+
+fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
+    f64::from(t.into_scalar().elem::<f32>())
+}
+
+/// The phase index of optimizer step `step` (1-based), and the phase's first and last step.
+fn phase_of(phase_steps: &[u64], step: u64) -> (usize, u64, u64) {
+    let mut start = 1;
+    for (i, n) in phase_steps.iter().enumerate() {
+        let end = start + n - 1;
+        if step <= end || i == phase_steps.len() - 1 {
+            return (i, start, end);
+        }
+        start = end + 1;
+    }
+    (0, 1, 0)
+}
+
+/// Loss, perplexity and bits per byte of a model on the recipe's held-out data.
+fn evaluate<B: Backend>(
+    model: &Model<B>,
+    batches: &[Batch],
+    tokenizer: &dyn Tokenizer,
+    device: &B::Device,
+) -> Option<(f64, u64, f64)> {
+    let mut nll = 0.0f64;
+    let mut count = 0u64;
+    let mut byte_nll = 0.0f64;
+    let mut bytes = 0u64;
+    for batch in batches {
+        let out = model.forward(input_tensor::<B>(batch, device));
+        let (_, per_token) = masked_nll(out.logits, batch, device);
+        let values = per_token.into_data().convert::<f32>().into_vec::<f32>().unwrap_or_default();
+        for ((loss, mask), target) in values.iter().zip(&batch.mask).zip(&batch.targets) {
+            if *mask > 0.0 {
+                nll += f64::from(*loss);
+                count += 1;
+                let nb = tokenizer.token_bytes(*target) as u64;
+                if nb > 0 {
+                    byte_nll += f64::from(*loss);
+                    bytes += nb;
+                }
+            }
+        }
+    }
+    (count > 0).then(|| {
+        let bpb = if bytes > 0 {
+            byte_nll / std::f64::consts::LN_2 / bytes as f64
+        } else {
+            f64::NAN
+        };
+        (nll / count as f64, count, bpb)
+    })
+}
+
+/// Evaluates a checkpoint of a run on its held-out data.
+pub fn evaluate_checkpoint<B: Backend>(
+    device: &B::Device,
+    recipe: &Recipe,
+    checkpoint: Checkpoint,
+) -> Result<EvalMetrics, TrainError> {
+    let spec = ModelSpec::from_recipe(recipe)?;
+    let data = DataPipeline::new(recipe, spec.vocab_size())?;
+    let model = Model::<B>::from_recipe(recipe, device)?;
+    let model = load_named(model, checkpoint.model, device)?;
+    let batches = data.eval_batches(recipe.phases[0].batch_size);
+    let (loss, count, bpb) = evaluate(&model, &batches, data.tokenizer(), device).ok_or_else(|| {
+        TrainError::RunDir("no held-out data to evaluate on (data.eval_holdout is 0, or every source has a single document)".to_string())
+    })?;
+    let steps = recipe.phase_steps();
+    let (phase, _, _) = phase_of(&steps, checkpoint.state.step.max(1));
+    Ok(EvalMetrics {
+        step: checkpoint.state.step,
+        phase: recipe.phases[phase].display_name(phase),
+        eval_loss: loss,
+        perplexity: loss.exp(),
+        bits_per_byte: bpb,
+        eval_tokens: count,
+    })
+}
+
+fn optimizer_tensors<B: Backend>(optim: &AdamW<B>) -> BTreeMap<String, NamedTensor> {
+    let mut out = BTreeMap::new();
+    for (name, m) in &optim.state {
+        for (prefix, t) in [("m", &m.m), ("v", &m.v)] {
+            let values = t.to_data().convert::<f32>().into_vec::<f32>().unwrap_or_default();
+            out.insert(
+                format!("{prefix}.{name}"),
+                NamedTensor {
+                    shape: vec![values.len()],
+                    values,
+                },
+            );
+        }
+    }
+    out
+}
+
+fn restore_optimizer<B: Backend>(
+    optim: &mut AdamW<B>,
+    mut tensors: BTreeMap<String, NamedTensor>,
+    step: u64,
+    device: &B::Device,
+) -> Result<(), TrainError> {
+    optim.step = step;
+    let names: Vec<String> = tensors
+        .keys()
+        .filter_map(|k| k.strip_prefix("m.").map(str::to_string))
+        .collect();
+    for name in names {
+        let (Some(m), Some(v)) = (tensors.remove(&format!("m.{name}")), tensors.remove(&format!("v.{name}"))) else {
+            return Err(TrainError::Checkpoint(format!("optimizer state of `{name}` is incomplete")));
+        };
+        let to_tensor = |t: NamedTensor| {
+            let n = t.values.len();
+            Tensor::<B, 1>::from_data(TensorData::new(t.values, [n]), device)
+        };
+        optim.state.insert(name, Moments { m: to_tensor(m), v: to_tensor(v) });
+    }
+    if let Some(left) = tensors.keys().next() {
+        return Err(TrainError::Checkpoint(format!("unexpected optimizer tensor `{left}`")));
+    }
+    Ok(())
+}
+
+/// When a training session should stop early (always after a whole step, with a
+/// checkpoint, so the run can be resumed).
+#[derive(Debug)]
+pub struct Control<'a> {
+    /// Raised by a signal handler.
+    pub stop: &'a AtomicBool,
+    /// Stop after this many optimizer steps in this session.
+    pub stop_after_steps: Option<u64>,
+}
+
+/// Trains a recipe in a run directory, from scratch or from a checkpoint.
+///
+/// Returns when every phase is done, when `control.stop` is raised or the session's step
+/// budget is spent (after finishing the current step and writing a checkpoint), or at the
+/// wall-time limit.
+pub fn train<B: AutodiffBackend>(
+    device: &B::Device,
+    recipe: &Recipe,
+    run: &RunDir,
+    start: Option<Checkpoint>,
+    observer: &mut dyn Observer,
+    control: &Control<'_>,
+) -> Result<Outcome, TrainError> {
+    let started = Instant::now();
+    let spec = ModelSpec::from_recipe(recipe)?;
+    let data = DataPipeline::new(recipe, spec.vocab_size())?;
+    let schedule = Schedule::new(recipe);
+    let phase_steps = recipe.phase_steps();
+    let total_steps = recipe.total_steps();
+    let recipe_toml = recipe.to_toml();
+    let recipe_hash = recipe.hash();
+
+    B::seed(device, recipe.run.seed);
+    let mut model = Model::<B>::from_recipe(recipe, device)?;
+    let mut optim = AdamW::<B::InnerBackend>::new(&recipe.optim);
+    let resumed = start.is_some();
+    let mut state = match start {
+        Some(ckpt) => {
+            model = load_named(model, ckpt.model, device)?;
+            restore_optimizer(&mut optim, ckpt.optimizer, ckpt.state.step, device)?;
+            data.check_cursor(&ckpt.state.cursor)?;
+            observer.event(Event::Info(format!(
+                "resuming from `{}` at step {}",
+                ckpt.dir.display(),
+                ckpt.state.step
+            )));
+            TrainState {
+                recipe_hash: recipe_hash.clone(),
+                files: BTreeMap::new(),
+                ..ckpt.state
+            }
+        }
+        None => TrainState {
+            step: 0,
+            tokens: 0,
+            trained_tokens: 0,
+            elapsed_s: 0.0,
+            cursor: data.initial_cursor(recipe.run.seed),
+            recipe_hash: recipe_hash.clone(),
+            kiln_version: env!("CARGO_PKG_VERSION").to_string(),
+            files: BTreeMap::new(),
+        },
+    };
+    let mut metrics = MetricsLog::open(run.path(), resumed.then_some(state.step))?;
+    run.write_status(RunStatus::Running, state.step, None)?;
+
+    let eval_batches = data.eval_batches(recipe.phases[0].batch_size);
+    if eval_batches.is_empty() {
+        observer.event(Event::Warn(
+            "no held-out documents: evaluation is skipped (raise data.eval_holdout or add documents)".to_string(),
+        ));
+    }
+    let wall_limit = recipe.max_wall_time();
+    let session_start_step = state.step;
+    let mut announced_phase = None;
+    let mut last_eval_step = None;
+
+    let checkpoint = |state: &TrainState, model: &Model<B>, optim: &AdamW<B::InnerBackend>, observer: &mut dyn Observer| -> Result<(), TrainError> {
+        let dir = write_checkpoint(
+            run.path(),
+            state.clone(),
+            &named_params(model),
+            &optimizer_tensors(optim),
+            &recipe_toml,
+            recipe.train.keep_checkpoints,
+        )?;
+        observer.event(Event::Checkpoint { step: state.step, path: &dir });
+        Ok(())
+    };
+
+    let run_eval = |model: &Model<B>, step: u64, phase: &str, metrics: &mut MetricsLog, observer: &mut dyn Observer| -> Result<(), TrainError> {
+        let valid = model.valid();
+        if let Some((loss, count, bpb)) = evaluate(&valid, &eval_batches, data.tokenizer(), device) {
+            let row = EvalMetrics {
+                step,
+                phase: phase.to_string(),
+                eval_loss: loss,
+                perplexity: loss.exp(),
+                bits_per_byte: bpb,
+                eval_tokens: count,
+            };
+            metrics.write("eval", &row)?;
+            observer.event(Event::Eval(&row));
+        }
+        Ok(())
+    };
+
+    while state.step < total_steps {
+        let step = state.step + 1;
+        let (p, first, last) = phase_of(&phase_steps, step);
+        let phase = &recipe.phases[p];
+        let phase_name = phase.display_name(p);
+        if announced_phase != Some(p) {
+            observer.event(Event::PhaseStart {
+                index: p,
+                name: &phase_name,
+                first_step: step,
+                last_step: last,
+                phase_steps: last + 1 - first,
+                total_steps,
+            });
+            announced_phase = Some(p);
+        }
+
+        let t0 = Instant::now();
+        let batches: Vec<Batch> = (0..recipe.train.grad_accum)
+            .map(|_| data.next_batch(p, &mut state.cursor))
+            .collect();
+        let trained: usize = batches.iter().map(Batch::trained_tokens).sum();
+        let denom = trained.max(1) as f64;
+        let mut acc = GradAccumulator::<B::InnerBackend>::default();
+        let mut loss_sum = 0.0;
+        for batch in &batches {
+            let out = model.forward(input_tensor::<B>(batch, device));
+            let (nll, _) = masked_nll(out.logits, batch, device);
+            let mut loss = nll.div_scalar(denom);
+            for (_, aux) in out.aux_losses {
+                loss = loss + aux.div_scalar(recipe.train.grad_accum as f64);
+            }
+            loss_sum += scalar(loss.clone());
+            acc.accumulate::<B, _>(&model, loss.backward());
+        }
+        if !loss_sum.is_finite() {
+            return fail(run, step, TrainError::NonFinite { what: "loss", value: loss_sum, step });
+        }
+        let grad_norm = acc.global_norm();
+        if !grad_norm.is_finite() {
+            return fail(run, step, TrainError::NonFinite { what: "gradient norm", value: grad_norm, step });
+        }
+        if let Some(clip) = recipe.train.clip_norm {
+            if grad_norm > clip {
+                acc.scale(clip / (grad_norm + 1e-6));
+            }
+        }
+        let lr = schedule.lr(step, phase.lr_scale);
+        model = optim.step::<B, _>(model, acc.take(), lr);
+
+        let positions = batches.iter().map(|b| (b.batch_size * b.window) as u64).sum::<u64>();
+        let dt = t0.elapsed().as_secs_f64();
+        state.step = step;
+        state.tokens += positions;
+        state.trained_tokens += trained as u64;
+        state.elapsed_s += dt;
+        let tokens_per_s = positions as f64 / dt.max(1e-9);
+        let row = StepMetrics {
+            step,
+            phase: phase_name.clone(),
+            loss: loss_sum,
+            lr,
+            grad_norm,
+            tokens: state.tokens,
+            trained_tokens: state.trained_tokens,
+            tokens_per_s,
+            gflops: tokens_per_s * spec.flops_per_token(phase.window) / 1e9,
+            step_time_s: dt,
+            elapsed_s: state.elapsed_s,
+        };
+        metrics.write("train", &row)?;
+        observer.event(Event::Step(&row));
+
+        if recipe.train.eval_every > 0 && step % recipe.train.eval_every == 0 {
+            run_eval(&model, step, &phase_name, &mut metrics, observer)?;
+            last_eval_step = Some(step);
+        }
+        if step == last {
+            observer.event(Event::PhaseEnd {
+                index: p,
+                name: &phase_name,
+                counts: &state.cursor.counts,
+            });
+        }
+        let finished = step == total_steps;
+        if finished {
+            break;
+        }
+        let stop_now = control.stop.load(Ordering::SeqCst);
+        let out_of_time = wall_limit.is_some_and(|w| started.elapsed() >= w)
+            || control.stop_after_steps.is_some_and(|n| step - session_start_step >= n);
+        if step % recipe.train.checkpoint_every == 0 || stop_now || out_of_time {
+            checkpoint(&state, &model, &optim, observer)?;
+        }
+        if stop_now || out_of_time {
+            let (status, outcome, why) = if stop_now {
+                (RunStatus::Interrupted, Outcome::Interrupted, "interrupted by signal")
+            } else {
+                (RunStatus::Interrupted, Outcome::Paused, "stopped at the session's time or step limit")
+            };
+            run.write_status(status, state.step, Some(why.to_string()))?;
+            return Ok(outcome);
+        }
+    }
+
+    let (p, _, _) = phase_of(&phase_steps, state.step.max(1));
+    if last_eval_step != Some(state.step) {
+        run_eval(&model, state.step, &recipe.phases[p].display_name(p), &mut metrics, observer)?;
+    }
+    checkpoint(&state, &model, &optim, observer)?;
+    run.write_status(RunStatus::Finished, state.step, None)?;
+    Ok(Outcome::Finished)
+}
+
+fn fail(run: &RunDir, step: u64, err: TrainError) -> Result<Outcome, TrainError> {
+    let _ = run.write_status(RunStatus::Failed, step.saturating_sub(1), Some(err.to_string()));
+    Err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::phase_of;
+
+    #[test]
+    fn phases_split_steps() {
+        let steps = [3, 2];
+        assert_eq!(phase_of(&steps, 1), (0, 1, 3));
+        assert_eq!(phase_of(&steps, 3), (0, 1, 3));
+        assert_eq!(phase_of(&steps, 4), (1, 4, 5));
+        assert_eq!(phase_of(&steps, 5), (1, 4, 5));
+    }
+}
