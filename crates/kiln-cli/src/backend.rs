@@ -19,7 +19,9 @@ pub trait Job {
 pub fn dispatch<J: Job>(recipe: &Recipe, job: J) -> Result<J::Output> {
     match recipe.run.backend {
         BackendKind::Flex => job.run::<Autodiff<Flex>>(burn::backend::flex::FlexDevice),
-        BackendKind::Ndarray => job.run::<Autodiff<NdArray>>(burn::backend::ndarray::NdArrayDevice::Cpu),
+        BackendKind::Ndarray => {
+            job.run::<Autodiff<NdArray>>(burn::backend::ndarray::NdArrayDevice::Cpu)
+        }
         BackendKind::Cuda => run_cuda(recipe, job),
     }
 }

@@ -31,8 +31,15 @@ pub fn inspect(loaded: &LoadedRecipe, read_data: bool) -> Result<()> {
     let r = &loaded.recipe;
     let spec = ModelSpec::from_recipe(r)?;
     let params = spec.num_params();
-    println!("recipe      {} (sha256 {})", loaded.path.display(), &r.hash()[..16]);
-    println!("run         {} -> {}/{}", r.run.name, r.run.out_dir, r.run.name);
+    println!(
+        "recipe      {} (sha256 {})",
+        loaded.path.display(),
+        &r.hash()[..16]
+    );
+    println!(
+        "run         {} -> {}/{}",
+        r.run.name, r.run.out_dir, r.run.name
+    );
     println!("backend     {} on {}", r.run.backend.as_str(), r.run.device);
     println!(
         "model       {}: {} parameters ({} in matrix products per token)",
@@ -60,7 +67,8 @@ pub fn inspect(loaded: &LoadedRecipe, read_data: bool) -> Result<()> {
             (spec.flops_per_token(p.window) * per_step as f64 / 1e9).round(),
             mix.join(", ")
         );
-        peak_activation = peak_activation.max(spec.activation_bytes_per_token(p.window) * (p.batch_size * p.window) as u64);
+        peak_activation = peak_activation
+            .max(spec.activation_bytes_per_token(p.window) * (p.batch_size * p.window) as u64);
         first = last + 1;
     }
     let weights = params as f64 * 4.0;

@@ -151,15 +151,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let run = RunDir::open(&run_dir)?;
             let loaded = run.load_recipe(&set)?;
             for removed in remove_stale_temporaries(&run_dir) {
-                eprintln!("removed an unfinished checkpoint write: {}", removed.display());
+                eprintln!(
+                    "removed an unfinished checkpoint write: {}",
+                    removed.display()
+                );
             }
             let (checkpoint, warnings) = newest_valid_checkpoint(&run_dir);
             for w in warnings {
                 eprintln!("warning: {w}");
             }
             if let Some(ckpt) = &checkpoint {
-                let saved = kiln_recipe::from_str(&ckpt.recipe_toml, &ckpt.dir.join("recipe.toml"), &[])
-                    .context("reading the checkpoint's recipe")?;
+                let saved =
+                    kiln_recipe::from_str(&ckpt.recipe_toml, &ckpt.dir.join("recipe.toml"), &[])
+                        .context("reading the checkpoint's recipe")?;
                 let changes = diff_keys(&saved.recipe, &loaded.recipe);
                 if !changes.is_empty() {
                     if !allow_recipe_change {
@@ -170,27 +174,50 @@ fn run(cli: Cli) -> Result<ExitCode> {
                             changes.join("\n  ")
                         );
                     }
-                    eprintln!("warning: continuing with a changed recipe:\n  {}", changes.join("\n  "));
+                    eprintln!(
+                        "warning: continuing with a changed recipe:\n  {}",
+                        changes.join("\n  ")
+                    );
                 }
             } else {
-                eprintln!("no complete checkpoint in {}: starting the run from step 0", run_dir.display());
+                eprintln!(
+                    "no complete checkpoint in {}: starting the run from step 0",
+                    run_dir.display()
+                );
             }
             run.write_recipe(&loaded.recipe)?;
             train(loaded.recipe, run, checkpoint, stop_after)
         }
-        Command::Eval { run_dir, checkpoint } => {
+        Command::Eval {
+            run_dir,
+            checkpoint,
+        } => {
             let run = RunDir::open(&run_dir)?;
             let recipe = run.load_recipe(&[])?.recipe;
             let ckpt = find_checkpoint(&run_dir, &checkpoint)?;
-            let metrics = dispatch(&recipe, EvalJob { recipe: &recipe, checkpoint: ckpt })?;
+            let metrics = dispatch(
+                &recipe,
+                EvalJob {
+                    recipe: &recipe,
+                    checkpoint: ckpt,
+                },
+            )?;
             eprintln!(
                 "step {} | eval_loss {:.4} | perplexity {:.2} | bits/byte {:.4} | {} tokens",
-                metrics.step, metrics.eval_loss, metrics.perplexity, metrics.bits_per_byte, metrics.eval_tokens
+                metrics.step,
+                metrics.eval_loss,
+                metrics.perplexity,
+                metrics.bits_per_byte,
+                metrics.eval_tokens
             );
             println!("{}", serde_json::to_string_pretty(&metrics)?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Inspect { recipe, set, no_data } => {
+        Command::Inspect {
+            recipe,
+            set,
+            no_data,
+        } => {
             let loaded = kiln_recipe::load(&recipe, &set)?;
             inspect::inspect(&loaded, !no_data)?;
             Ok(ExitCode::SUCCESS)
@@ -220,7 +247,14 @@ impl Job for TrainJob<'_> {
             stop: &self.stop,
             stop_after_steps: self.stop_after,
         };
-        let result = kiln_train::train::<B>(&device, self.recipe, self.run, self.start, &mut progress, &control);
+        let result = kiln_train::train::<B>(
+            &device,
+            self.recipe,
+            self.run,
+            self.start,
+            &mut progress,
+            &control,
+        );
         progress.finish();
         Ok(result?)
     }
@@ -235,17 +269,27 @@ impl Job for EvalJob<'_> {
     type Output = kiln_train::EvalMetrics;
 
     fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<Self::Output> {
-        Ok(kiln_train::evaluate_checkpoint::<B::InnerBackend>(&device, self.recipe, self.checkpoint)?)
+        Ok(kiln_train::evaluate_checkpoint::<B::InnerBackend>(
+            &device,
+            self.recipe,
+            self.checkpoint,
+        )?)
     }
 }
 
-fn train(recipe: Recipe, run: RunDir, start: Option<Checkpoint>, stop_after: Option<u64>) -> Result<ExitCode> {
+fn train(
+    recipe: Recipe,
+    run: RunDir,
+    start: Option<Checkpoint>,
+    stop_after: Option<u64>,
+) -> Result<ExitCode> {
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         // A second signal while the first is being handled exits at once.
         signal_hook::flag::register_conditional_shutdown(signal, 1, Arc::clone(&stop))
             .context("installing the signal handler")?;
-        signal_hook::flag::register(signal, Arc::clone(&stop)).context("installing the signal handler")?;
+        signal_hook::flag::register(signal, Arc::clone(&stop))
+            .context("installing the signal handler")?;
     }
     let outcome = dispatch(
         &recipe,
@@ -269,7 +313,9 @@ fn train(recipe: Recipe, run: RunDir, start: Option<Checkpoint>, stop_after: Opt
             Ok(ExitCode::from(EXIT_INTERRUPTED))
         }
         Outcome::Paused => {
-            eprintln!("stopped at the time or step limit: checkpoint written; continue with `kiln resume {dir}`");
+            eprintln!(
+                "stopped at the time or step limit: checkpoint written; continue with `kiln resume {dir}`"
+            );
             Ok(ExitCode::from(EXIT_PAUSED))
         }
     }

@@ -68,7 +68,10 @@ impl Observer for Progress {
                     "phase {index} `{name}`: steps {first_step}..={last_step} of {total_steps}"
                 ));
                 if self.interactive {
-                    let bar = ProgressBar::with_draw_target(Some(phase_steps), ProgressDrawTarget::stderr());
+                    let bar = ProgressBar::with_draw_target(
+                        Some(phase_steps),
+                        ProgressDrawTarget::stderr(),
+                    );
                     let template = if self.color {
                         "{prefix:.bold} [{bar:30.cyan/blue}] {pos}/{len} {msg} ETA {eta}"
                     } else {
@@ -95,7 +98,14 @@ impl Observer for Progress {
                 } else {
                     eprintln!(
                         "step {:>6} | phase {} | loss {:.4} | lr {:.3e} | grad_norm {:.3} | tok/s {:.0} | gflop/s {:.1} | elapsed {:.1}s",
-                        m.step, m.phase, m.loss, m.lr, m.grad_norm, m.tokens_per_s, m.gflops, m.elapsed_s
+                        m.step,
+                        m.phase,
+                        m.loss,
+                        m.lr,
+                        m.grad_norm,
+                        m.tokens_per_s,
+                        m.gflops,
+                        m.elapsed_s
                     );
                 }
             }
@@ -111,7 +121,11 @@ impl Observer for Progress {
             Event::Checkpoint { step, path } => {
                 self.line(&format!("checkpoint: step {step} -> {}", path.display()));
             }
-            Event::PhaseEnd { index, name, counts } => {
+            Event::PhaseEnd {
+                index,
+                name,
+                counts,
+            } => {
                 self.finish();
                 for (source, c) in counts {
                     self.line(&format!(

@@ -82,8 +82,10 @@ pub enum DataError {
         path: PathBuf,
     },
     /// The tokenizer's vocabulary does not fit the model.
-    #[error("model vocabulary {model} is smaller than the tokenizer's {tokenizer} ids")]
+    #[error("model.{family}.vocab_size: {model} is smaller than the tokenizer's {tokenizer} ids")]
     Vocab {
+        /// The model family (its recipe table).
+        family: &'static str,
         /// The model's vocabulary size.
         model: usize,
         /// The tokenizer's vocabulary size.
@@ -193,6 +195,7 @@ impl DataPipeline {
         let tokenizer = tokenizer_for(recipe);
         if model_vocab < tokenizer.vocab_size() {
             return Err(DataError::Vocab {
+                family: recipe.model.family.as_str(),
                 model: model_vocab,
                 tokenizer: tokenizer.vocab_size(),
             });
@@ -371,5 +374,108 @@ impl DataPipeline {
                 (s.name.clone(), n)
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn recipe(dir: &Path) -> Recipe {
+        std::fs::write(
+            dir.join("a.txt"),
+            "alpha beta gamma delta epsilon zeta eta theta",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("b.jsonl"),
+            "{\"text\": \"one two three four five\"}\n{\"text\": \"six seven\"}\n",
+        )
+        .unwrap();
+        let text = format!(
+            r#"
+[run]
+name = "t"
+[model]
+family = "qwen2"
+[model.qwen2]
+vocab_size = 260
+hidden_size = 32
+intermediate_size = 64
+num_hidden_layers = 1
+num_attention_heads = 2
+num_key_value_heads = 1
+[data]
+eval_holdout = 0.0
+[[data.sources]]
+name = "a"
+format = "text"
+path = "{a}"
+[[data.sources]]
+name = "b"
+format = "jsonl"
+path = "{b}"
+[[phases]]
+sources = {{ a = 1.0, b = 2.0 }}
+batch_size = 3
+window = 8
+windowing = "pack"
+steps = 10
+"#,
+            a = dir.join("a.txt").display(),
+            b = dir.join("b.jsonl").display()
+        );
+        kiln_recipe::from_str(&text, Path::new("t.toml"), &[])
+            .unwrap()
+            .recipe
+    }
+
+    #[test]
+    fn a_saved_cursor_replays_the_same_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = recipe(dir.path());
+        let data = DataPipeline::new(&r, 260).unwrap();
+        let mut cursor = data.initial_cursor(7);
+        for _ in 0..3 {
+            data.next_batch(0, &mut cursor);
+        }
+        let saved: DataCursor =
+            serde_json::from_str(&serde_json::to_string(&cursor).unwrap()).unwrap();
+        let straight: Vec<Batch> = (0..5).map(|_| data.next_batch(0, &mut cursor)).collect();
+        let mut resumed_cursor = saved;
+        let resumed: Vec<Batch> = (0..5)
+            .map(|_| data.next_batch(0, &mut resumed_cursor))
+            .collect();
+        assert_eq!(straight, resumed);
+        assert_eq!(cursor, resumed_cursor);
+        // Both sources were drawn from, about in proportion to their weights.
+        let a = cursor.counts["a"].windows;
+        let b = cursor.counts["b"].windows;
+        assert_eq!(a + b, 24);
+        assert!(b > a, "b has twice a's weight: a {a}, b {b}");
+    }
+
+    #[test]
+    fn different_seeds_mix_differently() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = recipe(dir.path());
+        let data = DataPipeline::new(&r, 260).unwrap();
+        let mut c1 = data.initial_cursor(1);
+        let mut c2 = data.initial_cursor(2);
+        let b1: Vec<Batch> = (0..4).map(|_| data.next_batch(0, &mut c1)).collect();
+        let b2: Vec<Batch> = (0..4).map(|_| data.next_batch(0, &mut c2)).collect();
+        assert_ne!(b1, b2);
+    }
+
+    #[test]
+    fn model_vocab_must_cover_the_tokenizer() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = recipe(dir.path());
+        let err = DataPipeline::new(&r, 100).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "model.qwen2.vocab_size: 100 is smaller than the tokenizer's 260 ids"
+        );
     }
 }

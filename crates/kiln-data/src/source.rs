@@ -23,7 +23,10 @@ pub fn source_files(source: &Source, index: usize) -> Result<Vec<PathBuf>, DataE
         path: path.to_path_buf(),
         message: if e.kind() == std::io::ErrorKind::NotFound {
             match std::env::current_dir() {
-                Ok(cwd) => format!("not found (relative paths are read from `{}`)", cwd.display()),
+                Ok(cwd) => format!(
+                    "not found (relative paths are read from `{}`)",
+                    cwd.display()
+                ),
                 Err(_) => "not found".to_string(),
             }
         } else {
@@ -72,7 +75,11 @@ pub fn read_documents(source: &Source, index: usize) -> Result<Vec<Document>, Da
         })?;
         let text = String::from_utf8(bytes).map_err(|e| {
             let valid = e.utf8_error().valid_up_to();
-            let line = e.as_bytes()[..valid].iter().filter(|b| **b == b'\n').count() + 1;
+            let line = e.as_bytes()[..valid]
+                .iter()
+                .filter(|b| **b == b'\n')
+                .count()
+                + 1;
             DataError::NotUtf8 {
                 path: file.clone(),
                 line,
@@ -134,18 +141,22 @@ fn flush_block(block: &mut String, file: &Path, line: usize, docs: &mut Vec<Docu
     block.clear();
 }
 
-fn read_jsonl(text: &str, file: &Path, field: &str, docs: &mut Vec<Document>) -> Result<(), DataError> {
+fn read_jsonl(
+    text: &str,
+    file: &Path,
+    field: &str,
+    docs: &mut Vec<Document>,
+) -> Result<(), DataError> {
     for (i, line) in text.lines().enumerate() {
         let line_no = i + 1;
         if line.trim().is_empty() {
             continue;
         }
-        let value: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| DataError::Json {
-                path: file.to_path_buf(),
-                line: line_no,
-                message: e.to_string(),
-            })?;
+        let value: serde_json::Value = serde_json::from_str(line).map_err(|e| DataError::Json {
+            path: file.to_path_buf(),
+            line: line_no,
+            message: e.to_string(),
+        })?;
         let obj = value.as_object().ok_or_else(|| DataError::Json {
             path: file.to_path_buf(),
             line: line_no,

@@ -22,7 +22,8 @@ pub trait Tokenizer: Send + Sync {
 pub struct ByteTokenizer;
 
 /// The special tokens of [`ByteTokenizer`], in id order from 256.
-pub const BYTE_SPECIAL_TOKENS: [&str; 4] = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"];
+pub const BYTE_SPECIAL_TOKENS: [&str; 4] =
+    ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"];
 
 impl ByteTokenizer {
     /// Vocabulary size: 256 bytes plus the special tokens.

@@ -78,7 +78,11 @@ pub fn next_window(
             tokens.extend_from_slice(&doc[start..end]);
             let targets = end - start - 1;
             // Positions below `skip` predict tokens the previous window already trained.
-            let skip = if start > 0 { spec.overlap.min(targets) } else { 0 };
+            let skip = if start > 0 {
+                spec.overlap.min(targets)
+            } else {
+                0
+            };
             for m in &mut mask[skip..targets] {
                 *m = 1.0;
             }
@@ -177,7 +181,14 @@ mod tests {
         assert_eq!(w3.mask, vec![1.0, 0.0, 0.0, 0.0]);
         let w4 = next_window(&docs, &mut c, &mut n, spec(4, Windowing::Belt, 0));
         assert_eq!(w4.tokens, vec![20, 21, 22, 99, 99]);
-        assert_eq!(c, SourceCursor { epoch: 1, document: 0, offset: 0 });
+        assert_eq!(
+            c,
+            SourceCursor {
+                epoch: 1,
+                document: 0,
+                offset: 0
+            }
+        );
         // 9 targets in the first document, 2 in the second: all trained, none dropped.
         assert_eq!(n.trained, 11);
         assert_eq!(n.dropped, 0);
@@ -206,9 +217,18 @@ mod tests {
         let mut c = SourceCursor::default();
         let mut n = SourceCounts::default();
         let s = spec(3, Windowing::Pack, 0);
-        assert_eq!(next_window(&docs, &mut c, &mut n, s).tokens, vec![1, 2, 3, 4]);
-        assert_eq!(next_window(&docs, &mut c, &mut n, s).tokens, vec![4, 5, 6, 7]);
-        assert_eq!(next_window(&docs, &mut c, &mut n, s).tokens, vec![7, 8, 9, 1]);
+        assert_eq!(
+            next_window(&docs, &mut c, &mut n, s).tokens,
+            vec![1, 2, 3, 4]
+        );
+        assert_eq!(
+            next_window(&docs, &mut c, &mut n, s).tokens,
+            vec![4, 5, 6, 7]
+        );
+        assert_eq!(
+            next_window(&docs, &mut c, &mut n, s).tokens,
+            vec![7, 8, 9, 1]
+        );
         assert_eq!(c.epoch, 1);
         assert_eq!(n.padded, 0);
     }
@@ -219,7 +239,10 @@ mod tests {
         let mut c = SourceCursor::default();
         let mut n = SourceCounts::default();
         let s = spec(4, Windowing::Truncate, 0);
-        assert_eq!(next_window(&docs, &mut c, &mut n, s).tokens, vec![0, 1, 2, 3, 4]);
+        assert_eq!(
+            next_window(&docs, &mut c, &mut n, s).tokens,
+            vec![0, 1, 2, 3, 4]
+        );
         assert_eq!(n.dropped, 5);
         let w = next_window(&docs, &mut c, &mut n, s);
         assert_eq!(w.tokens, vec![1, 2, 99, 99, 99]);

@@ -90,7 +90,11 @@ impl ModelSpec {
     pub fn from_recipe(recipe: &Recipe) -> Result<Self, ModelError> {
         match recipe.model.family {
             ModelFamily::Qwen2 => Ok(Self::Qwen2(Qwen2Config::from(
-                recipe.model.qwen2.as_ref().ok_or(ModelError::MissingConfig("qwen2"))?,
+                recipe
+                    .model
+                    .qwen2
+                    .as_ref()
+                    .ok_or(ModelError::MissingConfig("qwen2"))?,
             ))),
         }
     }
@@ -190,7 +194,8 @@ impl<B: Backend> ModuleVisitor<B> for Collect {
         let data = param.val().into_data().convert::<f32>();
         let shape = data.shape.to_vec();
         let values = data.into_vec::<f32>().expect("converted to f32");
-        self.out.insert(self.path.path(), NamedTensor { shape, values });
+        self.out
+            .insert(self.path.path(), NamedTensor { shape, values });
     }
 }
 
@@ -256,7 +261,8 @@ impl<B: Backend> ModuleMapper<B> for Load<'_, B> {
             return Param::from_mapped_value(id, tensor, mapper);
         }
         let require_grad = tensor.is_require_grad();
-        let mut new = Tensor::<B, D>::from_data(TensorData::new(loaded.values, loaded.shape), &self.device);
+        let mut new =
+            Tensor::<B, D>::from_data(TensorData::new(loaded.values, loaded.shape), &self.device);
         if require_grad {
             new = new.require_grad();
         }

@@ -127,18 +127,67 @@ impl Qwen2Config {
                 let p = format!("model.layers.{i}");
                 DecoderLayer {
                     self_attn: Attention {
-                        q_proj: init.linear(&format!("{p}.self_attn.q_proj"), h, q, true, std, device),
-                        k_proj: init.linear(&format!("{p}.self_attn.k_proj"), h, kv, true, std, device),
-                        v_proj: init.linear(&format!("{p}.self_attn.v_proj"), h, kv, true, std, device),
-                        o_proj: init.linear(&format!("{p}.self_attn.o_proj"), q, h, false, std, device),
+                        q_proj: init.linear(
+                            &format!("{p}.self_attn.q_proj"),
+                            h,
+                            q,
+                            true,
+                            std,
+                            device,
+                        ),
+                        k_proj: init.linear(
+                            &format!("{p}.self_attn.k_proj"),
+                            h,
+                            kv,
+                            true,
+                            std,
+                            device,
+                        ),
+                        v_proj: init.linear(
+                            &format!("{p}.self_attn.v_proj"),
+                            h,
+                            kv,
+                            true,
+                            std,
+                            device,
+                        ),
+                        o_proj: init.linear(
+                            &format!("{p}.self_attn.o_proj"),
+                            q,
+                            h,
+                            false,
+                            std,
+                            device,
+                        ),
                         num_heads: self.num_attention_heads,
                         num_kv_heads: self.num_key_value_heads,
                         head_dim: d,
                     },
                     mlp: Mlp {
-                        gate_proj: init.linear(&format!("{p}.mlp.gate_proj"), h, self.intermediate_size, false, std, device),
-                        up_proj: init.linear(&format!("{p}.mlp.up_proj"), h, self.intermediate_size, false, std, device),
-                        down_proj: init.linear(&format!("{p}.mlp.down_proj"), self.intermediate_size, h, false, std, device),
+                        gate_proj: init.linear(
+                            &format!("{p}.mlp.gate_proj"),
+                            h,
+                            self.intermediate_size,
+                            false,
+                            std,
+                            device,
+                        ),
+                        up_proj: init.linear(
+                            &format!("{p}.mlp.up_proj"),
+                            h,
+                            self.intermediate_size,
+                            false,
+                            std,
+                            device,
+                        ),
+                        down_proj: init.linear(
+                            &format!("{p}.mlp.down_proj"),
+                            self.intermediate_size,
+                            h,
+                            false,
+                            std,
+                            device,
+                        ),
                     },
                     input_layernorm: RmsNorm::new(h, self.rms_norm_eps, device),
                     post_attention_layernorm: RmsNorm::new(h, self.rms_norm_eps, device),
@@ -146,7 +195,12 @@ impl Qwen2Config {
             })
             .collect();
         let embed_tokens = burn::nn::Embedding {
-            weight: init.normal("model.embed_tokens.weight", [self.vocab_size, h], std, device),
+            weight: init.normal(
+                "model.embed_tokens.weight",
+                [self.vocab_size, h],
+                std,
+                device,
+            ),
         };
         let lm_head = (!self.tie_word_embeddings)
             .then(|| init.linear("lm_head", h, self.vocab_size, false, std, device));
@@ -214,15 +268,28 @@ impl<B: Backend> Attention<B> {
     /// - rope: cos and sin, each `[seq, head_dim]`
     /// - causal_bias: `[groups * seq, seq]`, 0 where visible and -inf above the diagonal
     /// - returns `[batch, seq, hidden]`
-    pub fn forward(&self, x: Tensor<B, 3>, rope: &Rope<B>, causal_bias: &Tensor<B, 2>) -> Tensor<B, 3> {
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &Rope<B>,
+        causal_bias: &Tensor<B, 2>,
+    ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let g = h / kvh;
         // RoPE is applied in the projections' own [b, t, heads, d] layout, where the tensors
         // are contiguous, before moving heads in front of the sequence.
-        let q = rope.apply(self.q_proj.forward(x.clone()).reshape([b, t, h, d])).swap_dims(1, 2); // [b, h, t, d]
-        let k = rope.apply(self.k_proj.forward(x.clone()).reshape([b, t, kvh, d])).swap_dims(1, 2); // [b, kvh, t, d]
-        let v = self.v_proj.forward(x).reshape([b, t, kvh, d]).swap_dims(1, 2); // [b, kvh, t, d]
+        let q = rope
+            .apply(self.q_proj.forward(x.clone()).reshape([b, t, h, d]))
+            .swap_dims(1, 2); // [b, h, t, d]
+        let k = rope
+            .apply(self.k_proj.forward(x.clone()).reshape([b, t, kvh, d]))
+            .swap_dims(1, 2); // [b, kvh, t, d]
+        let v = self
+            .v_proj
+            .forward(x)
+            .reshape([b, t, kvh, d])
+            .swap_dims(1, 2); // [b, kvh, t, d]
         // Query head `i` uses key/value head `i / g` (Hugging Face's `repeat_kv`): fold the
         // `g` query heads of a group into the sequence axis instead of copying K and V.
         let q = q.reshape([b, kvh, g * t, d]); // [b, kvh, g*t, d]
@@ -231,7 +298,10 @@ impl<B: Backend> Attention<B> {
         let scores = scores.add(causal_bias.clone().unsqueeze::<4>());
         let probs = softmax(scores, 3);
         let out = probs.matmul(v); // [b, kvh, g*t, d]
-        let out = out.reshape([b, h, t, d]).swap_dims(1, 2).reshape([b, t, h * d]); // [b, t, h*d]
+        let out = out
+            .reshape([b, h, t, d])
+            .swap_dims(1, 2)
+            .reshape([b, t, h * d]); // [b, t, h*d]
         self.o_proj.forward(out)
     }
 }
@@ -272,8 +342,16 @@ pub struct DecoderLayer<B: Backend> {
 impl<B: Backend> DecoderLayer<B> {
     /// # Shapes
     /// - x: `[batch, seq, hidden]` -> `[batch, seq, hidden]`
-    pub fn forward(&self, x: Tensor<B, 3>, rope: &Rope<B>, causal_bias: &Tensor<B, 2>) -> Tensor<B, 3> {
-        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rope, causal_bias);
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &Rope<B>,
+        causal_bias: &Tensor<B, 2>,
+    ) -> Tensor<B, 3> {
+        let h = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), rope, causal_bias);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }

@@ -117,11 +117,17 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<LoadedRecipe, RecipeErr
 }
 
 /// Parses recipe text (as if read from `path`), applies overrides and validates.
-pub fn from_str(text: &str, path: &Path, overrides: &[String]) -> Result<LoadedRecipe, RecipeError> {
-    let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| RecipeError::Syntax {
-        path: path.to_path_buf(),
-        message: e.to_string().trim().to_string(),
-    })?;
+pub fn from_str(
+    text: &str,
+    path: &Path,
+    overrides: &[String],
+) -> Result<LoadedRecipe, RecipeError> {
+    let mut table: toml::Table =
+        text.parse()
+            .map_err(|e: toml::de::Error| RecipeError::Syntax {
+                path: path.to_path_buf(),
+                message: e.to_string().trim().to_string(),
+            })?;
     for spec in overrides {
         apply_override(&mut table, spec)?;
     }
@@ -139,11 +145,22 @@ pub fn from_table(table: &toml::Table, path: &Path) -> Result<Recipe, RecipeErro
     let value = toml::Value::Table(table.clone());
     serde_path_to_error::deserialize::<_, Recipe>(value).map_err(|err| {
         let key = err.path().to_string();
-        let key = if key == "." { "(top level)".to_string() } else { key };
+        let key = if key == "." {
+            "(top level)".to_string()
+        } else {
+            key
+        };
+        // The TOML deserializer appends "in `table`"; the dotted key already says where.
+        let message = err.inner().to_string();
+        let message = message
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("in `"))
+            .collect::<Vec<_>>()
+            .join(" ");
         RecipeError::Schema {
             path: path.to_path_buf(),
             key,
-            message: err.inner().to_string().trim().to_string(),
+            message: message.trim().to_string(),
         }
     })
 }
@@ -239,7 +256,109 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         number.clear();
     }
     if !number.is_empty() {
-        return Err(format!("`{text}`: number `{number}` has no unit (use s, m, h or d)"));
+        return Err(format!(
+            "`{text}`: number `{number}` has no unit (use s, m, h or d)"
+        ));
     }
     Ok(Duration::from_secs_f64(total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[run]
+name = "t"
+[model]
+family = "qwen2"
+[model.qwen2]
+vocab_size = 260
+hidden_size = 32
+intermediate_size = 64
+num_hidden_layers = 1
+num_attention_heads = 2
+num_key_value_heads = 1
+max_position_embeddings = 64
+[data]
+[[data.sources]]
+name = "a"
+format = "text"
+path = "x"
+[[phases]]
+sources = { a = 1.0 }
+batch_size = 2
+window = 16
+tokens = 100
+"#;
+
+    fn parse(overrides: &[&str]) -> Result<LoadedRecipe, RecipeError> {
+        let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        from_str(MINIMAL, Path::new("r.toml"), &o)
+    }
+
+    #[test]
+    fn defaults_fill_and_tokens_round_up_to_steps() {
+        let r = parse(&[]).unwrap().recipe;
+        assert_eq!(r.run.backend, BackendKind::Flex);
+        assert_eq!(r.optim.betas, [0.9, 0.999]);
+        // 100 tokens at 2 x 16 per step: 4 steps.
+        assert_eq!(r.phase_steps(), vec![4]);
+        assert_eq!(r.eval_window(), 16);
+    }
+
+    #[test]
+    fn overrides_reach_nested_keys_and_array_entries() {
+        let r = parse(&[
+            "phases[0].window=32",
+            "optim.betas=[0.8, 0.9]",
+            "run.backend=ndarray",
+            "phases.0.batch_size=4",
+        ])
+        .unwrap()
+        .recipe;
+        assert_eq!(r.phases[0].window, 32);
+        assert_eq!(r.phases[0].batch_size, 4);
+        assert_eq!(r.optim.betas, [0.8, 0.9]);
+        assert_eq!(r.run.backend, BackendKind::Ndarray);
+        let err = parse(&["optim.lrr=1"]).unwrap_err().to_string();
+        assert!(
+            err.starts_with("r.toml: optim.lrr: unknown field `lrr`, expected one of `kind`, `lr`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn diff_lists_changed_keys() {
+        let a = parse(&[]).unwrap().recipe;
+        let b = parse(&["optim.lr=0.5", "phases[0].window=8"])
+            .unwrap()
+            .recipe;
+        let d = diff_keys(&a, &b);
+        assert_eq!(
+            d,
+            vec!["optim.lr: 0.001 -> 0.5", "phases[0].window: 16 -> 8"]
+        );
+        assert_ne!(a.hash(), b.hash());
+        assert_eq!(a.hash(), parse(&[]).unwrap().recipe.hash());
+    }
+
+    #[test]
+    fn canonical_toml_round_trips() {
+        let r = parse(&[]).unwrap().recipe;
+        let again = from_str(&r.to_toml(), Path::new("again.toml"), &[])
+            .unwrap()
+            .recipe;
+        assert_eq!(r, again);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90").unwrap().as_secs(), 90);
+        assert_eq!(parse_duration("1h30m").unwrap().as_secs(), 5400);
+        assert_eq!(parse_duration("2.5m").unwrap().as_secs(), 150);
+        assert!(parse_duration("10 minutes").is_err());
+        assert!(parse_duration("5").is_ok());
+        assert!(parse_duration("5x").is_err());
+    }
 }

@@ -52,9 +52,16 @@ fn parse_key(spec: &str, key: &str) -> Result<Vec<Segment>, RecipeError> {
 /// Parses the right-hand side of an override: a TOML value if it is one (`3`, `1e-4`,
 /// `true`, `"x"`, `[1, 2]`, `{ a = 1 }`), otherwise the text as a string (`flex`).
 fn parse_value(text: &str) -> toml::Value {
+    // TOML reads bare `nan` and `inf` as floats; no recipe key wants those, but a run may
+    // well be named `nan`.
+    if matches!(text, "nan" | "+nan" | "-nan" | "inf" | "+inf" | "-inf") {
+        return toml::Value::String(text.to_string());
+    }
     let doc = format!("v = {text}");
     match doc.parse::<toml::Table>() {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(text.to_string())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(text.to_string())),
         Err(_) => toml::Value::String(text.to_string()),
     }
 }
@@ -76,7 +83,12 @@ pub fn apply_override(table: &mut toml::Table, spec: &str) -> Result<(), RecipeE
         return Err(bad("a key must start with a section name".to_string()));
     }
     let mut root = toml::Value::Table(std::mem::take(table));
-    let result = set_path(&mut root, &segments, parse_value(value.trim()), String::new());
+    let result = set_path(
+        &mut root,
+        &segments,
+        parse_value(value.trim()),
+        String::new(),
+    );
     if let toml::Value::Table(t) = root {
         *table = t;
     }

@@ -472,6 +472,8 @@ fn default_eval_tokens() -> u64 {
 impl Phase {
     /// The phase's display name.
     pub fn display_name(&self, index: usize) -> String {
-        self.name.clone().unwrap_or_else(|| format!("phase-{index}"))
+        self.name
+            .clone()
+            .unwrap_or_else(|| format!("phase-{index}"))
     }
 }

@@ -38,7 +38,11 @@ impl Recipe {
         self.validate_data(&mut e);
         self.validate_phases(&mut e);
         self.validate_optim(&mut e);
-        if e.list.is_empty() { Ok(()) } else { Err(e.list) }
+        if e.list.is_empty() {
+            Ok(())
+        } else {
+            Err(e.list)
+        }
     }
 
     fn validate_run(&self, e: &mut Errors<'_>) {
@@ -52,11 +56,13 @@ impl Recipe {
             "run.name",
             format!("`{name}` must be non-empty and use only letters, digits, `-`, `_` and `.`"),
         );
-        e.check(!self.run.out_dir.is_empty(), "run.out_dir", "must not be empty");
-        if let Some(w) = &self.run.max_wall_time {
-            if let Err(msg) = parse_duration(w) {
-                e.push("run.max_wall_time", msg);
-            }
+        e.check(
+            !self.run.out_dir.is_empty(),
+            "run.out_dir",
+            "must not be empty",
+        );
+        if let Some(Err(msg)) = self.run.max_wall_time.as_deref().map(parse_duration) {
+            e.push("run.max_wall_time", msg);
         }
         let device = self.run.device.as_str();
         match self.run.backend {
@@ -108,7 +114,8 @@ impl Recipe {
                             q.hidden_size, q.num_attention_heads
                         ),
                     );
-                } else if q.num_attention_heads > 0 && (q.hidden_size / q.num_attention_heads) % 2 != 0
+                } else if q.num_attention_heads > 0
+                    && (q.hidden_size / q.num_attention_heads) % 2 != 0
                 {
                     e.push(
                         "model.qwen2.hidden_size",
@@ -127,8 +134,16 @@ impl Recipe {
                         ),
                     );
                 }
-                e.check(q.rope_theta > 0.0, "model.qwen2.rope_theta", "must be positive");
-                e.check(q.rms_norm_eps > 0.0, "model.qwen2.rms_norm_eps", "must be positive");
+                e.check(
+                    q.rope_theta > 0.0,
+                    "model.qwen2.rope_theta",
+                    "must be positive",
+                );
+                e.check(
+                    q.rms_norm_eps > 0.0,
+                    "model.qwen2.rms_norm_eps",
+                    "must be positive",
+                );
                 e.check(
                     q.initializer_range > 0.0,
                     "model.qwen2.initializer_range",
@@ -144,26 +159,53 @@ impl Recipe {
             "data.eval_holdout",
             format!("{} must be in [0, 1)", self.data.eval_holdout),
         );
-        e.check(!self.data.sources.is_empty(), "data.sources", "at least one source is needed");
+        e.check(
+            !self.data.sources.is_empty(),
+            "data.sources",
+            "at least one source is needed",
+        );
         let mut seen = BTreeSet::new();
         for (i, s) in self.data.sources.iter().enumerate() {
             let key = format!("data.sources[{i}]");
-            e.check(!s.name.is_empty(), format!("{key}.name"), "must not be empty");
+            e.check(
+                !s.name.is_empty(),
+                format!("{key}.name"),
+                "must not be empty",
+            );
             if !seen.insert(s.name.as_str()) {
-                e.push(format!("{key}.name"), format!("`{}` is used by two sources", s.name));
+                e.push(
+                    format!("{key}.name"),
+                    format!("`{}` is used by two sources", s.name),
+                );
             }
-            e.check(!s.path.is_empty(), format!("{key}.path"), "must not be empty");
-            e.check(!s.text_field.is_empty(), format!("{key}.text_field"), "must not be empty");
+            e.check(
+                !s.path.is_empty(),
+                format!("{key}.path"),
+                "must not be empty",
+            );
+            e.check(
+                !s.text_field.is_empty(),
+                format!("{key}.text_field"),
+                "must not be empty",
+            );
         }
     }
 
     fn validate_phases(&self, e: &mut Errors<'_>) {
-        e.check(!self.phases.is_empty(), "phases", "at least one `[[phases]]` entry is needed");
+        e.check(
+            !self.phases.is_empty(),
+            "phases",
+            "at least one `[[phases]]` entry is needed",
+        );
         let names: BTreeSet<&str> = self.data.sources.iter().map(|s| s.name.as_str()).collect();
         let max_pos = self.model_max_position();
         for (i, p) in self.phases.iter().enumerate() {
             let key = |k: &str| format!("phases[{i}].{k}");
-            e.check(!p.sources.is_empty(), key("sources"), "at least one source is needed");
+            e.check(
+                !p.sources.is_empty(),
+                key("sources"),
+                "at least one source is needed",
+            );
             for (name, w) in &p.sources {
                 if !names.contains(name.as_str()) {
                     let known: Vec<&str> = names.iter().copied().collect();
@@ -179,7 +221,11 @@ impl Recipe {
                 );
             }
             e.check(p.batch_size > 0, key("batch_size"), "must be at least 1");
-            e.check(p.window >= 2, key("window"), format!("{} must be at least 2", p.window));
+            e.check(
+                p.window >= 2,
+                key("window"),
+                format!("{} must be at least 2", p.window),
+            );
             if let Some(max) = max_pos {
                 e.check(
                     p.window <= max,
@@ -191,7 +237,10 @@ impl Recipe {
                 e.check(
                     p.windowing == crate::Windowing::Belt,
                     key("overlap"),
-                    format!("overlap applies to `belt` windowing, not `{}`", p.windowing.as_str()),
+                    format!(
+                        "overlap applies to `belt` windowing, not `{}`",
+                        p.windowing.as_str()
+                    ),
                 );
                 e.check(
                     p.overlap < p.window,
@@ -202,7 +251,9 @@ impl Recipe {
             match (p.steps, p.tokens) {
                 (Some(_), Some(_)) => e.push(key("steps"), "give `steps` or `tokens`, not both"),
                 (None, None) => e.push(key("steps"), "missing: give `steps` or `tokens`"),
-                (Some(0), _) | (_, Some(0)) => e.push(key("steps"), "phase length must be positive"),
+                (Some(0), _) | (_, Some(0)) => {
+                    e.push(key("steps"), "phase length must be positive")
+                }
                 _ => {}
             }
             e.check(
@@ -212,13 +263,21 @@ impl Recipe {
             );
         }
         if let (Some(max), Some(w)) = (max_pos, self.train.eval_window) {
-            e.check(w <= max, "train.eval_window", format!("{w} exceeds model max_position {max}"));
+            e.check(
+                w <= max,
+                "train.eval_window",
+                format!("{w} exceeds model max_position {max}"),
+            );
         }
     }
 
     fn validate_optim(&self, e: &mut Errors<'_>) {
         let o = &self.optim;
-        e.check(o.lr.is_finite() && o.lr > 0.0, "optim.lr", format!("{} must be positive", o.lr));
+        e.check(
+            o.lr.is_finite() && o.lr > 0.0,
+            "optim.lr",
+            format!("{} must be positive", o.lr),
+        );
         for (i, b) in o.betas.iter().enumerate() {
             e.check(
                 (0.0..1.0).contains(b),
@@ -227,7 +286,11 @@ impl Recipe {
             );
         }
         e.check(o.eps > 0.0, "optim.eps", "must be positive");
-        e.check(o.weight_decay >= 0.0, "optim.weight_decay", "must not be negative");
+        e.check(
+            o.weight_decay >= 0.0,
+            "optim.weight_decay",
+            "must not be negative",
+        );
         let s = &self.schedule;
         e.check(
             s.min_lr >= 0.0 && s.min_lr <= o.lr,
@@ -243,10 +306,22 @@ impl Recipe {
         let t = &self.train;
         e.check(t.grad_accum > 0, "train.grad_accum", "must be at least 1");
         if let Some(c) = t.clip_norm {
-            e.check(c.is_finite() && c > 0.0, "train.clip_norm", format!("{c} must be positive"));
+            e.check(
+                c.is_finite() && c > 0.0,
+                "train.clip_norm",
+                format!("{c} must be positive"),
+            );
         }
-        e.check(t.checkpoint_every > 0, "train.checkpoint_every", "must be at least 1");
-        e.check(t.keep_checkpoints > 0, "train.keep_checkpoints", "must be at least 1");
+        e.check(
+            t.checkpoint_every > 0,
+            "train.checkpoint_every",
+            "must be at least 1",
+        );
+        e.check(
+            t.keep_checkpoints > 0,
+            "train.keep_checkpoints",
+            "must be at least 1",
+        );
         e.check(t.eval_tokens > 0, "train.eval_tokens", "must be at least 1");
     }
 }

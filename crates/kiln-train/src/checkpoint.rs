@@ -83,7 +83,7 @@ pub fn list_checkpoints(run_dir: &Path) -> Vec<PathBuf> {
             e.path().is_dir().then_some((step, e.path()))
         })
         .collect();
-    steps.sort_by(|a, b| b.0.cmp(&a.0));
+    steps.sort_by_key(|s| std::cmp::Reverse(s.0));
     steps.into_iter().map(|(_, p)| p).collect()
 }
 
@@ -112,7 +112,10 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
@@ -156,7 +159,10 @@ pub fn encode_safetensors(tensors: &BTreeMap<String, NamedTensor>) -> Result<Vec
 }
 
 /// Decodes a safetensors file of f32 tensors.
-pub fn decode_safetensors(bytes: &[u8], path: &Path) -> Result<BTreeMap<String, NamedTensor>, TrainError> {
+pub fn decode_safetensors(
+    bytes: &[u8],
+    path: &Path,
+) -> Result<BTreeMap<String, NamedTensor>, TrainError> {
     let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| {
         TrainError::Checkpoint(format!("{}: invalid safetensors: {e}", path.display()))
     })?;
@@ -200,7 +206,11 @@ pub fn write_checkpoint(
     if final_dir.exists() {
         return Ok(final_dir);
     }
-    let tmp = root.join(format!(".tmp-{}-{}", step_dir_name(state.step), std::process::id()));
+    let tmp = root.join(format!(
+        ".tmp-{}-{}",
+        step_dir_name(state.step),
+        std::process::id()
+    ));
     if tmp.exists() {
         fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
     }
@@ -258,13 +268,18 @@ pub fn read_checkpoint(dir: &Path) -> Result<Checkpoint, TrainError> {
         }
         contents.insert(name, bytes);
     }
-    let model = decode_safetensors(&contents["model.safetensors"], &dir.join("model.safetensors"))?;
+    let model = decode_safetensors(
+        &contents["model.safetensors"],
+        &dir.join("model.safetensors"),
+    )?;
     let optimizer = decode_safetensors(
         &contents["optimizer.safetensors"],
         &dir.join("optimizer.safetensors"),
     )?;
     let recipe_toml = String::from_utf8(contents.remove("recipe.toml").unwrap_or_default())
-        .map_err(|_| TrainError::Checkpoint(format!("{}: recipe.toml is not UTF-8", dir.display())))?;
+        .map_err(|_| {
+            TrainError::Checkpoint(format!("{}: recipe.toml is not UTF-8", dir.display()))
+        })?;
     Ok(Checkpoint {
         dir: dir.to_path_buf(),
         state,
@@ -280,10 +295,7 @@ pub fn newest_valid_checkpoint(run_dir: &Path) -> (Option<Checkpoint>, Vec<Strin
     for dir in list_checkpoints(run_dir) {
         match read_checkpoint(&dir) {
             Ok(c) => return (Some(c), warnings),
-            Err(e) => warnings.push(format!(
-                "skipping checkpoint `{}`: {e}",
-                dir.display()
-            )),
+            Err(e) => warnings.push(format!("skipping checkpoint `{}`: {e}", dir.display())),
         }
     }
     (None, warnings)
@@ -294,7 +306,10 @@ pub fn find_checkpoint(run_dir: &Path, which: &str) -> Result<Checkpoint, TrainE
     if which == "latest" {
         let (c, warnings) = newest_valid_checkpoint(run_dir);
         return c.ok_or_else(|| {
-            let mut msg = format!("no usable checkpoint in `{}`", run_dir.join("checkpoints").display());
+            let mut msg = format!(
+                "no usable checkpoint in `{}`",
+                run_dir.join("checkpoints").display()
+            );
             for w in warnings {
                 msg.push_str(&format!("\n  {w}"));
             }
@@ -305,7 +320,11 @@ pub fn find_checkpoint(run_dir: &Path, which: &str) -> Result<Checkpoint, TrainE
         .strip_prefix("step-")
         .unwrap_or(which)
         .parse()
-        .map_err(|_| TrainError::Checkpoint(format!("`{which}` is not a checkpoint name (use step-N or latest)")))?;
+        .map_err(|_| {
+            TrainError::Checkpoint(format!(
+                "`{which}` is not a checkpoint name (use step-N or latest)"
+            ))
+        })?;
     let dir = run_dir.join("checkpoints").join(step_dir_name(step));
     if !dir.is_dir() {
         let have: Vec<String> = list_checkpoints(run_dir)
@@ -316,7 +335,11 @@ pub fn find_checkpoint(run_dir: &Path, which: &str) -> Result<Checkpoint, TrainE
             "no checkpoint `{}` in `{}` (have: {})",
             step_dir_name(step),
             run_dir.display(),
-            if have.is_empty() { "none".to_string() } else { have.join(", ") }
+            if have.is_empty() {
+                "none".to_string()
+            } else {
+                have.join(", ")
+            }
         )));
     }
     read_checkpoint(&dir)

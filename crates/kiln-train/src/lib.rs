@@ -49,7 +49,9 @@ pub enum TrainError {
     #[error("checkpoint: {0}")]
     Checkpoint(String),
     /// The loss or gradient norm stopped being finite.
-    #[error("{what} is {value} at step {step}: training diverged (no checkpoint of this state was written; lower optim.lr or set train.clip_norm, then resume from the last checkpoint)")]
+    #[error(
+        "{what} is {value} at step {step}: training diverged (no checkpoint of this state was written; lower optim.lr or set train.clip_norm, then resume from the last checkpoint)"
+    )]
     NonFinite {
         /// Which quantity.
         what: &'static str,

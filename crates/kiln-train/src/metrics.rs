@@ -17,20 +17,26 @@ pub(crate) struct MetricsLog {
 }
 
 impl MetricsLog {
-    /// Opens the log. With `keep_through = Some(step)` (a resume), rows of later steps,
-    /// written after the checkpoint by the session that crashed, are dropped first, so the
-    /// log reads as if the run had never stopped.
-    pub(crate) fn open(run_dir: &Path, keep_through: Option<u64>) -> Result<Self, TrainError> {
+    /// Opens the log for a session starting after step `keep_through`. Rows of later
+    /// steps, written after the last checkpoint by a session that crashed, are dropped
+    /// first, so the log reads as if the run had never stopped.
+    pub(crate) fn open(run_dir: &Path, keep_through: u64) -> Result<Self, TrainError> {
         let path = run_dir.join("metrics.jsonl");
         let io = |source| TrainError::Io {
             path: path.clone(),
             source,
         };
-        if let Some(step) = keep_through {
+        if path.exists() {
+            let step = keep_through;
             let rows = read_metrics(&path)?;
             let mut text = String::new();
             for row in rows {
-                if row.get("step").and_then(serde_json::Value::as_u64).unwrap_or(0) <= step {
+                if row
+                    .get("step")
+                    .and_then(serde_json::Value::as_u64)
+                    .unwrap_or(0)
+                    <= step
+                {
                     text.push_str(&row.to_string());
                     text.push('\n');
                 }
@@ -39,7 +45,11 @@ impl MetricsLog {
             fs::write(&tmp, text).map_err(io)?;
             fs::rename(&tmp, &path).map_err(io)?;
         }
-        let file = OpenOptions::new().create(true).append(true).open(&path).map_err(io)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io)?;
         Ok(Self { path, file })
     }
 
@@ -47,7 +57,10 @@ impl MetricsLog {
     pub(crate) fn write(&mut self, kind: &str, row: &impl Serialize) -> Result<(), TrainError> {
         let mut value = serde_json::to_value(row).expect("metrics rows serialize");
         if let serde_json::Value::Object(map) = &mut value {
-            map.insert("kind".to_string(), serde_json::Value::String(kind.to_string()));
+            map.insert(
+                "kind".to_string(),
+                serde_json::Value::String(kind.to_string()),
+            );
         }
         let mut line = value.to_string();
         line.push('\n');

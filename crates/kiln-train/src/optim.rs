@@ -147,7 +147,14 @@ impl<B: Backend> AdamW<B> {
         model.map(&mut mapper)
     }
 
-    fn update(&mut self, name: &str, param: Tensor<B, 1>, grad: Tensor<B, 1>, rank: usize, lr: f64) -> Tensor<B, 1> {
+    fn update(
+        &mut self,
+        name: &str,
+        param: Tensor<B, 1>,
+        grad: Tensor<B, 1>,
+        rank: usize,
+        lr: f64,
+    ) -> Tensor<B, 1> {
         let [b1, b2] = self.config.betas;
         let t = self.step as i32;
         let moments = match self.state.remove(name) {
@@ -162,7 +169,12 @@ impl<B: Backend> AdamW<B> {
         };
         let bc1 = 1.0 - b1.powi(t);
         let bc2 = 1.0 - b2.powi(t);
-        let denom = moments.v.clone().div_scalar(bc2).sqrt().add_scalar(self.config.eps);
+        let denom = moments
+            .v
+            .clone()
+            .div_scalar(bc2)
+            .sqrt()
+            .add_scalar(self.config.eps);
         let update = moments.m.clone().div_scalar(bc1).div(denom).mul_scalar(lr);
         let wd = self.config.weight_decay;
         let param = if wd > 0.0 && kiln_models::decays(name, rank) {

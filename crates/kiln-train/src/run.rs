@@ -46,11 +46,14 @@ pub const RESOLVED_RECIPE: &str = "recipe.resolved.toml";
 impl RunDir {
     /// Creates the run directory of a recipe and writes its resolved recipe.
     ///
-    /// Refuses a directory that already holds a run unless `overwrite`, in which case that
-    /// run is deleted first.
+    /// Refuses a directory that already holds a run that trained at least one step unless
+    /// `overwrite`, in which case that run is deleted first. (A run that failed before its
+    /// first step, e.g. on a data error, is simply started again.)
     pub fn create(recipe: &Recipe, overwrite: bool) -> Result<Self, TrainError> {
         let path = Path::new(&recipe.run.out_dir).join(&recipe.run.name);
-        if path.join(RESOLVED_RECIPE).exists() || path.join("checkpoints").exists() {
+        let trained = path.join("checkpoints").exists()
+            || fs::metadata(path.join("metrics.jsonl")).is_ok_and(|m| m.len() > 0);
+        if trained || (overwrite && path.join(RESOLVED_RECIPE).exists()) {
             if !overwrite {
                 return Err(TrainError::RunDir(format!(
                     "run directory `{}` already holds a run: continue it with `kiln resume {}`, \
@@ -93,7 +96,10 @@ impl RunDir {
 
     /// Loads the run's resolved recipe with overrides applied.
     pub fn load_recipe(&self, overrides: &[String]) -> Result<LoadedRecipe, TrainError> {
-        Ok(kiln_recipe::load(&self.path.join(RESOLVED_RECIPE), overrides)?)
+        Ok(kiln_recipe::load(
+            &self.path.join(RESOLVED_RECIPE),
+            overrides,
+        )?)
     }
 
     /// Writes the resolved recipe (atomically).
@@ -106,7 +112,12 @@ impl RunDir {
     }
 
     /// Records the run's status.
-    pub fn write_status(&self, status: RunStatus, step: u64, message: Option<String>) -> Result<(), TrainError> {
+    pub fn write_status(
+        &self,
+        status: RunStatus,
+        step: u64,
+        message: Option<String>,
+    ) -> Result<(), TrainError> {
         let file = StatusFile {
             status,
             step,

@@ -37,7 +37,9 @@ impl Schedule {
                 ScheduleKind::Linear => self.min_lr + (self.peak - self.min_lr) * (1.0 - progress),
                 ScheduleKind::Cosine => {
                     self.min_lr
-                        + (self.peak - self.min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+                        + (self.peak - self.min_lr)
+                            * 0.5
+                            * (1.0 + (std::f64::consts::PI * progress).cos())
                 }
             }
         };
@@ -64,9 +66,15 @@ mod tests {
         let s = schedule(ScheduleKind::Cosine);
         assert!((s.lr(1, 1.0) - 0.1).abs() < 1e-12);
         assert!((s.lr(10, 1.0) - 1.0).abs() < 1e-12);
-        assert!((s.lr(60, 1.0) - 0.55).abs() < 1e-12, "halfway is the midpoint");
+        assert!(
+            (s.lr(60, 1.0) - 0.55).abs() < 1e-12,
+            "halfway is the midpoint"
+        );
         assert!((s.lr(110, 1.0) - 0.1).abs() < 1e-12);
-        assert!((s.lr(60, 0.5) - 0.275).abs() < 1e-12, "phase scale multiplies");
+        assert!(
+            (s.lr(60, 0.5) - 0.275).abs() < 1e-12,
+            "phase scale multiplies"
+        );
     }
 
     #[test]

@@ -25,7 +25,11 @@ use crate::{EvalMetrics, Event, Observer, Outcome, StepMetrics, TrainError};
 /// # Shapes
 /// - logits: `[batch, seq, vocab]`
 /// - returns `[1]` (the sum) and, when `per_token`, `[batch * seq]` masked losses
-fn masked_nll<B: Backend>(logits: Tensor<B, 3>, batch: &Batch, device: &B::Device) -> (Tensor<B, 1>, Tensor<B, 1>) {
+fn masked_nll<B: Backend>(
+    logits: Tensor<B, 3>,
+    batch: &Batch,
+    device: &B::Device,
+) -> (Tensor<B, 1>, Tensor<B, 1>) {
     let [b, t, v] = logits.dims();
     let logp = log_softmax(logits.reshape([b * t, v]), 1); // [b*t, v]
     let targets: Vec<i64> = batch.targets.iter().map(|&x| i64::from(x)).collect();
@@ -38,7 +42,10 @@ fn masked_nll<B: Backend>(logits: Tensor<B, 3>, batch: &Batch, device: &B::Devic
 
 fn input_tensor<B: Backend>(batch: &Batch, device: &B::Device) -> Tensor<B, 2, Int> {
     let ids: Vec<i64> = batch.inputs.iter().map(|&x| i64::from(x)).collect();
-    Tensor::from_data(TensorData::new(ids, [batch.batch_size, batch.window]), device)
+    Tensor::from_data(
+        TensorData::new(ids, [batch.batch_size, batch.window]),
+        device,
+    )
 }
 
 fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
@@ -72,7 +79,11 @@ fn evaluate<B: Backend>(
     for batch in batches {
         let out = model.forward(input_tensor::<B>(batch, device));
         let (_, per_token) = masked_nll(out.logits, batch, device);
-        let values = per_token.into_data().convert::<f32>().into_vec::<f32>().unwrap_or_default();
+        let values = per_token
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .unwrap_or_default();
         for ((loss, mask), target) in values.iter().zip(&batch.mask).zip(&batch.targets) {
             if *mask > 0.0 {
                 nll += f64::from(*loss);
@@ -125,7 +136,11 @@ fn optimizer_tensors<B: Backend>(optim: &AdamW<B>) -> BTreeMap<String, NamedTens
     let mut out = BTreeMap::new();
     for (name, m) in &optim.state {
         for (prefix, t) in [("m", &m.m), ("v", &m.v)] {
-            let values = t.to_data().convert::<f32>().into_vec::<f32>().unwrap_or_default();
+            let values = t
+                .to_data()
+                .convert::<f32>()
+                .into_vec::<f32>()
+                .unwrap_or_default();
             out.insert(
                 format!("{prefix}.{name}"),
                 NamedTensor {
@@ -150,17 +165,30 @@ fn restore_optimizer<B: Backend>(
         .filter_map(|k| k.strip_prefix("m.").map(str::to_string))
         .collect();
     for name in names {
-        let (Some(m), Some(v)) = (tensors.remove(&format!("m.{name}")), tensors.remove(&format!("v.{name}"))) else {
-            return Err(TrainError::Checkpoint(format!("optimizer state of `{name}` is incomplete")));
+        let (Some(m), Some(v)) = (
+            tensors.remove(&format!("m.{name}")),
+            tensors.remove(&format!("v.{name}")),
+        ) else {
+            return Err(TrainError::Checkpoint(format!(
+                "optimizer state of `{name}` is incomplete"
+            )));
         };
         let to_tensor = |t: NamedTensor| {
             let n = t.values.len();
             Tensor::<B, 1>::from_data(TensorData::new(t.values, [n]), device)
         };
-        optim.state.insert(name, Moments { m: to_tensor(m), v: to_tensor(v) });
+        optim.state.insert(
+            name,
+            Moments {
+                m: to_tensor(m),
+                v: to_tensor(v),
+            },
+        );
     }
     if let Some(left) = tensors.keys().next() {
-        return Err(TrainError::Checkpoint(format!("unexpected optimizer tensor `{left}`")));
+        return Err(TrainError::Checkpoint(format!(
+            "unexpected optimizer tensor `{left}`"
+        )));
     }
     Ok(())
 }
@@ -200,7 +228,6 @@ pub fn train<B: AutodiffBackend>(
     B::seed(device, recipe.run.seed);
     let mut model = Model::<B>::from_recipe(recipe, device)?;
     let mut optim = AdamW::<B::InnerBackend>::new(&recipe.optim);
-    let resumed = start.is_some();
     let mut state = match start {
         Some(ckpt) => {
             model = load_named(model, ckpt.model, device)?;
@@ -228,7 +255,9 @@ pub fn train<B: AutodiffBackend>(
             files: BTreeMap::new(),
         },
     };
-    let mut metrics = MetricsLog::open(run.path(), resumed.then_some(state.step))?;
+    // Rows past the starting step were written by a session that died before its next
+    // checkpoint (or, starting from zero, before any): they are replayed, so drop them.
+    let mut metrics = MetricsLog::open(run.path(), state.step)?;
     run.write_status(RunStatus::Running, state.step, None)?;
 
     let eval_batches = data.eval_batches(recipe.phases[0].batch_size);
@@ -242,7 +271,11 @@ pub fn train<B: AutodiffBackend>(
     let mut announced_phase = None;
     let mut last_eval_step = None;
 
-    let checkpoint = |state: &TrainState, model: &Model<B>, optim: &AdamW<B::InnerBackend>, observer: &mut dyn Observer| -> Result<(), TrainError> {
+    let checkpoint = |state: &TrainState,
+                      model: &Model<B>,
+                      optim: &AdamW<B::InnerBackend>,
+                      observer: &mut dyn Observer|
+     -> Result<(), TrainError> {
         let dir = write_checkpoint(
             run.path(),
             state.clone(),
@@ -251,13 +284,22 @@ pub fn train<B: AutodiffBackend>(
             &recipe_toml,
             recipe.train.keep_checkpoints,
         )?;
-        observer.event(Event::Checkpoint { step: state.step, path: &dir });
+        observer.event(Event::Checkpoint {
+            step: state.step,
+            path: &dir,
+        });
         Ok(())
     };
 
-    let run_eval = |model: &Model<B>, step: u64, phase: &str, metrics: &mut MetricsLog, observer: &mut dyn Observer| -> Result<(), TrainError> {
+    let run_eval = |model: &Model<B>,
+                    step: u64,
+                    phase: &str,
+                    metrics: &mut MetricsLog,
+                    observer: &mut dyn Observer|
+     -> Result<(), TrainError> {
         let valid = model.valid();
-        if let Some((loss, count, bpb)) = evaluate(&valid, &eval_batches, data.tokenizer(), device) {
+        if let Some((loss, count, bpb)) = evaluate(&valid, &eval_batches, data.tokenizer(), device)
+        {
             let row = EvalMetrics {
                 step,
                 phase: phase.to_string(),
@@ -308,21 +350,38 @@ pub fn train<B: AutodiffBackend>(
             acc.accumulate::<B, _>(&model, loss.backward());
         }
         if !loss_sum.is_finite() {
-            return fail(run, step, TrainError::NonFinite { what: "loss", value: loss_sum, step });
+            return fail(
+                run,
+                step,
+                TrainError::NonFinite {
+                    what: "loss",
+                    value: loss_sum,
+                    step,
+                },
+            );
         }
         let grad_norm = acc.global_norm();
         if !grad_norm.is_finite() {
-            return fail(run, step, TrainError::NonFinite { what: "gradient norm", value: grad_norm, step });
+            return fail(
+                run,
+                step,
+                TrainError::NonFinite {
+                    what: "gradient norm",
+                    value: grad_norm,
+                    step,
+                },
+            );
         }
-        if let Some(clip) = recipe.train.clip_norm {
-            if grad_norm > clip {
-                acc.scale(clip / (grad_norm + 1e-6));
-            }
+        if let Some(clip) = recipe.train.clip_norm.filter(|c| grad_norm > *c) {
+            acc.scale(clip / (grad_norm + 1e-6));
         }
         let lr = schedule.lr(step, phase.lr_scale);
         model = optim.step::<B, _>(model, acc.take(), lr);
 
-        let positions = batches.iter().map(|b| (b.batch_size * b.window) as u64).sum::<u64>();
+        let positions = batches
+            .iter()
+            .map(|b| (b.batch_size * b.window) as u64)
+            .sum::<u64>();
         let dt = t0.elapsed().as_secs_f64();
         state.step = step;
         state.tokens += positions;
@@ -362,15 +421,25 @@ pub fn train<B: AutodiffBackend>(
         }
         let stop_now = control.stop.load(Ordering::SeqCst);
         let out_of_time = wall_limit.is_some_and(|w| started.elapsed() >= w)
-            || control.stop_after_steps.is_some_and(|n| step - session_start_step >= n);
+            || control
+                .stop_after_steps
+                .is_some_and(|n| step - session_start_step >= n);
         if step % recipe.train.checkpoint_every == 0 || stop_now || out_of_time {
             checkpoint(&state, &model, &optim, observer)?;
         }
         if stop_now || out_of_time {
             let (status, outcome, why) = if stop_now {
-                (RunStatus::Interrupted, Outcome::Interrupted, "interrupted by signal")
+                (
+                    RunStatus::Interrupted,
+                    Outcome::Interrupted,
+                    "interrupted by signal",
+                )
             } else {
-                (RunStatus::Interrupted, Outcome::Paused, "stopped at the session's time or step limit")
+                (
+                    RunStatus::Interrupted,
+                    Outcome::Paused,
+                    "stopped at the session's time or step limit",
+                )
             };
             run.write_status(status, state.step, Some(why.to_string()))?;
             return Ok(outcome);
@@ -379,7 +448,13 @@ pub fn train<B: AutodiffBackend>(
 
     let (p, _, _) = phase_of(&phase_steps, state.step.max(1));
     if last_eval_step != Some(state.step) {
-        run_eval(&model, state.step, &recipe.phases[p].display_name(p), &mut metrics, observer)?;
+        run_eval(
+            &model,
+            state.step,
+            &recipe.phases[p].display_name(p),
+            &mut metrics,
+            observer,
+        )?;
     }
     checkpoint(&state, &model, &optim, observer)?;
     run.write_status(RunStatus::Finished, state.step, None)?;
@@ -387,7 +462,11 @@ pub fn train<B: AutodiffBackend>(
 }
 
 fn fail(run: &RunDir, step: u64, err: TrainError) -> Result<Outcome, TrainError> {
-    let _ = run.write_status(RunStatus::Failed, step.saturating_sub(1), Some(err.to_string()));
+    let _ = run.write_status(
+        RunStatus::Failed,
+        step.saturating_sub(1),
+        Some(err.to_string()),
+    );
     Err(err)
 }
 

@@ -1,0 +1,49 @@
+//! Every shipped recipe opens with a comment that says how to run it, and validates.
+
+use std::path::{Path, PathBuf};
+
+use kiln_tests::*;
+
+fn recipes(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            recipes(&path, out);
+        } else if path.extension().is_some_and(|e| e == "toml") {
+            out.push(path);
+        }
+    }
+}
+
+#[test]
+fn every_shipped_recipe_is_documented_and_valid() {
+    let mut found = Vec::new();
+    recipes(&repo_root().join("recipes"), &mut found);
+    assert!(!found.is_empty());
+    for path in found {
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.starts_with('#'),
+            "{} must open with a comment",
+            path.display()
+        );
+        let header: String = text
+            .lines()
+            .take_while(|l| l.starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(
+            header.contains("kiln train"),
+            "{}: the opening comment gives the command",
+            path.display()
+        );
+        let rel = path
+            .strip_prefix(repo_root())
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
+        let out = run(&["inspect", &rel]);
+        assert_ok(&out);
+    }
+}
