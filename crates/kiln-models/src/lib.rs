@@ -8,15 +8,17 @@
 //! built from the module field names by [`named_params`]; [`load_named`] puts tensors back
 //! and reports every missing, unused or mis-shaped name.
 
+pub mod hf;
 pub mod init;
 pub mod qwen2;
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::prelude::*;
 
-use kiln_recipe::{ModelFamily, Recipe};
+use kiln_recipe::{InitKind, ModelFamily, Recipe};
 
 pub use init::Init;
 pub use qwen2::{Qwen2Config, Qwen2ForCausalLM};
@@ -30,6 +32,38 @@ pub enum ModelError {
     /// Loaded tensors do not match the model.
     #[error("{0}")]
     Load(String),
+    /// A required file is absent.
+    #[error("`{path}` not found: {hint}")]
+    MissingFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What was expected.
+        hint: String,
+    },
+    /// A file could not be read or written.
+    #[error("`{path}`: {source}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A safetensors file is malformed, truncated or of an unsupported dtype.
+    #[error("`{path}`: {message}")]
+    Safetensors {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A configuration file is malformed or describes something unsupported.
+    #[error("`{path}`: {message}")]
+    Config {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        message: String,
+    },
 }
 
 /// What a forward pass returns.
@@ -49,11 +83,65 @@ pub enum Model<B: Backend> {
 }
 
 impl<B: Backend> Model<B> {
-    /// Builds the recipe's model with random weights from `run.seed`.
+    /// Builds the recipe's model: random weights from `run.seed`, or pretrained weights
+    /// from the family's `hf_dir`.
     pub fn from_recipe(recipe: &Recipe, device: &B::Device) -> Result<Self, ModelError> {
         let init = Init::new(recipe.run.seed);
         match ModelSpec::from_recipe(recipe)? {
-            ModelSpec::Qwen2(cfg) => Ok(Self::Qwen2(cfg.init(&init, device))),
+            ModelSpec::Qwen2(cfg) => {
+                let section = recipe
+                    .model
+                    .qwen2
+                    .as_ref()
+                    .ok_or(ModelError::MissingConfig("qwen2"))?;
+                let model = Self::Qwen2(cfg.init(&init, device));
+                match (section.init_kind(), &section.hf_dir) {
+                    (InitKind::Pretrained, Some(dir)) => {
+                        let tensors =
+                            hf::read_checkpoint(Path::new(dir), |n, t| cfg.from_hf_tensor(n, t))?;
+                        load_named(model, tensors, device)
+                            .map_err(|e| ModelError::Load(format!("`{dir}`: {e}")))
+                    }
+                    _ => Ok(model),
+                }
+            }
+        }
+    }
+
+    /// Loads a Hugging Face Qwen2 directory (`config.json` + safetensors).
+    pub fn from_hf_dir(dir: &Path, device: &B::Device) -> Result<Self, ModelError> {
+        let cfg = Qwen2Config::from_hf_dir(dir)?;
+        let model = Self::Qwen2(cfg.init(&Init::new(0), device));
+        let tensors = hf::read_checkpoint(dir, |n, t| cfg.from_hf_tensor(n, t))?;
+        load_named(model, tensors, device)
+            .map_err(|e| ModelError::Load(format!("`{}`: {e}", dir.display())))
+    }
+
+    /// Writes the model as a Hugging Face directory that `transformers` loads: `config.json`
+    /// plus safetensors (sharded past `max_shard_bytes`). Returns the files written.
+    pub fn export_hf(
+        &self,
+        dir: &Path,
+        max_shard_bytes: u64,
+    ) -> Result<Vec<std::path::PathBuf>, ModelError> {
+        match self {
+            Self::Qwen2(m) => {
+                let cfg = m.config();
+                let tensors: BTreeMap<String, NamedTensor> = named_params(self)
+                    .into_iter()
+                    .map(|(n, t)| cfg.to_hf_tensor(n, t))
+                    .collect();
+                let mut files = hf::write_checkpoint(dir, &tensors, max_shard_bytes)?;
+                let path = dir.join("config.json");
+                let json =
+                    serde_json::to_string_pretty(&cfg.to_hf_json()).expect("config serializes");
+                std::fs::write(&path, json).map_err(|source| ModelError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                files.push(path);
+                Ok(files)
+            }
         }
     }
 
@@ -62,9 +150,22 @@ impl<B: Backend> Model<B> {
     /// # Shapes
     /// - input_ids: `[batch, seq]`
     pub fn forward(&self, input_ids: Tensor<B, 2, Int>) -> ModelOutput<B> {
+        self.forward_masked(input_ids, None)
+    }
+
+    /// Logits and auxiliary losses, with padding keys masked out.
+    ///
+    /// # Shapes
+    /// - input_ids: `[batch, seq]`
+    /// - padding: `[batch, seq]`, true at padding tokens
+    pub fn forward_masked(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        padding: Option<Tensor<B, 2, Bool>>,
+    ) -> ModelOutput<B> {
         match self {
             Self::Qwen2(m) => ModelOutput {
-                logits: m.forward(input_ids),
+                logits: m.forward_masked(input_ids, padding),
                 aux_losses: Vec::new(),
             },
         }
@@ -73,7 +174,7 @@ impl<B: Backend> Model<B> {
     /// Vocabulary size of the output.
     pub fn vocab_size(&self) -> usize {
         match self {
-            Self::Qwen2(m) => m.vocab_size,
+            Self::Qwen2(m) => m.config.vocab_size,
         }
     }
 }
@@ -89,13 +190,13 @@ impl ModelSpec {
     /// The spec of a recipe's model.
     pub fn from_recipe(recipe: &Recipe) -> Result<Self, ModelError> {
         match recipe.model.family {
-            ModelFamily::Qwen2 => Ok(Self::Qwen2(Qwen2Config::from(
+            ModelFamily::Qwen2 => Ok(Self::Qwen2(Qwen2Config::resolve(
                 recipe
                     .model
                     .qwen2
                     .as_ref()
                     .ok_or(ModelError::MissingConfig("qwen2"))?,
-            ))),
+            )?)),
         }
     }
 

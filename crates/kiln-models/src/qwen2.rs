@@ -15,9 +15,14 @@ use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::activation::{silu, softmax};
 
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
 use kiln_recipe::Qwen2Section;
 
 use crate::init::Init;
+use crate::{ModelError, NamedTensor};
 
 /// Resolved Qwen2 configuration (no optional fields).
 #[derive(Debug, Clone, PartialEq)]
@@ -46,21 +51,264 @@ pub struct Qwen2Config {
     pub initializer_range: f64,
 }
 
-impl From<&Qwen2Section> for Qwen2Config {
-    fn from(s: &Qwen2Section) -> Self {
-        Self {
-            vocab_size: s.vocab_size,
-            hidden_size: s.hidden_size,
-            intermediate_size: s.intermediate_size,
-            num_hidden_layers: s.num_hidden_layers,
-            num_attention_heads: s.num_attention_heads,
-            num_key_value_heads: s.num_key_value_heads,
-            max_position_embeddings: s.max_position_embeddings,
-            rope_theta: s.rope_theta,
-            rms_norm_eps: s.rms_norm_eps,
-            tie_word_embeddings: s.tie_word_embeddings,
-            initializer_range: s.initializer_range,
+/// Lenient mirror of a Hugging Face Qwen2 `config.json`: unknown keys are ignored, missing
+/// ones take `transformers`' defaults.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HfQwen2Config {
+    /// `model_type`, expected `qwen2`.
+    #[serde(default)]
+    pub model_type: Option<String>,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Residual width.
+    pub hidden_size: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Decoder layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (defaults to the query heads).
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// Longest sequence.
+    #[serde(default = "hf_default_max_position")]
+    pub max_position_embeddings: usize,
+    /// RoPE base (`transformers` 4.x writes it at the top level).
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    /// RoPE settings (`transformers` 5.x: `{"rope_type": "default", "rope_theta": ...}`).
+    #[serde(default)]
+    pub rope_parameters: Option<serde_json::Value>,
+    /// Per-layer attention kinds (`transformers` 5.x); only `full_attention` is supported.
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
+    /// RMSNorm epsilon.
+    #[serde(default = "hf_default_rms_eps")]
+    pub rms_norm_eps: f64,
+    /// Tied output head.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Init standard deviation.
+    #[serde(default = "hf_default_init_range")]
+    pub initializer_range: f64,
+    /// Activation; only `silu` is supported.
+    #[serde(default)]
+    pub hidden_act: Option<String>,
+    /// RoPE scaling; only none is supported.
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
+    /// Sliding-window attention; only off is supported.
+    #[serde(default)]
+    pub use_sliding_window: bool,
+}
+
+fn hf_default_max_position() -> usize {
+    32768
+}
+
+fn hf_default_rms_eps() -> f64 {
+    1e-6
+}
+
+fn hf_default_init_range() -> f64 {
+    0.02
+}
+
+impl Qwen2Config {
+    /// Resolves a recipe's `[model.qwen2]`: from `hf_dir`'s `config.json`, or from the
+    /// keys written in the recipe with Qwen2 defaults for the optional ones.
+    pub fn resolve(section: &Qwen2Section) -> Result<Self, ModelError> {
+        if let Some(dir) = &section.hf_dir {
+            return Self::from_hf_dir(Path::new(dir));
         }
+        let missing = |key: &'static str| ModelError::Config {
+            path: PathBuf::from("[model.qwen2]"),
+            message: format!("`{key}` is missing"),
+        };
+        Ok(Self {
+            vocab_size: section.vocab_size.ok_or_else(|| missing("vocab_size"))?,
+            hidden_size: section.hidden_size.ok_or_else(|| missing("hidden_size"))?,
+            intermediate_size: section
+                .intermediate_size
+                .ok_or_else(|| missing("intermediate_size"))?,
+            num_hidden_layers: section
+                .num_hidden_layers
+                .ok_or_else(|| missing("num_hidden_layers"))?,
+            num_attention_heads: section
+                .num_attention_heads
+                .ok_or_else(|| missing("num_attention_heads"))?,
+            num_key_value_heads: section
+                .num_key_value_heads
+                .ok_or_else(|| missing("num_key_value_heads"))?,
+            max_position_embeddings: section.max_position_embeddings.unwrap_or(2048),
+            rope_theta: section.rope_theta.unwrap_or(1_000_000.0),
+            rms_norm_eps: section.rms_norm_eps.unwrap_or(1e-6),
+            tie_word_embeddings: section.tie_word_embeddings.unwrap_or(false),
+            initializer_range: section.initializer_range.unwrap_or(0.02),
+        })
+    }
+
+    /// Reads `config.json` of a Hugging Face model directory.
+    pub fn from_hf_dir(dir: &Path) -> Result<Self, ModelError> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                ModelError::MissingFile {
+                    path: path.clone(),
+                    hint: "a Hugging Face model directory holds `config.json`".to_string(),
+                }
+            } else {
+                ModelError::Io {
+                    path: path.clone(),
+                    source,
+                }
+            }
+        })?;
+        let hf: HfQwen2Config = serde_json::from_str(&text).map_err(|e| ModelError::Config {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        let unsupported = |message: String| ModelError::Config {
+            path: path.clone(),
+            message,
+        };
+        if let Some(t) = hf.model_type.as_deref().filter(|t| *t != "qwen2") {
+            return Err(unsupported(format!(
+                "model_type is `{t}`, expected `qwen2`"
+            )));
+        }
+        if let Some(act) = hf.hidden_act.as_deref().filter(|a| *a != "silu") {
+            return Err(unsupported(format!(
+                "hidden_act `{act}` is not supported (only `silu`)"
+            )));
+        }
+        if hf.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err(unsupported("rope_scaling is not supported".to_string()));
+        }
+        if hf.use_sliding_window {
+            return Err(unsupported(
+                "use_sliding_window = true is not supported".to_string(),
+            ));
+        }
+        if let Some(kind) = hf
+            .layer_types
+            .iter()
+            .flatten()
+            .find(|k| *k != "full_attention")
+        {
+            return Err(unsupported(format!(
+                "layer type `{kind}` is not supported (only `full_attention`)"
+            )));
+        }
+        let mut rope_theta = hf.rope_theta;
+        if let Some(params) = hf.rope_parameters.as_ref().filter(|v| !v.is_null()) {
+            match params.get("rope_type").and_then(|v| v.as_str()) {
+                None | Some("default") => {}
+                Some(other) => {
+                    return Err(unsupported(format!(
+                        "rope_parameters.rope_type `{other}` is not supported (only `default`)"
+                    )));
+                }
+            }
+            if let Some(theta) = params.get("rope_theta").and_then(serde_json::Value::as_f64) {
+                rope_theta = Some(theta);
+            }
+        }
+        let cfg = Self {
+            vocab_size: hf.vocab_size,
+            hidden_size: hf.hidden_size,
+            intermediate_size: hf.intermediate_size,
+            num_hidden_layers: hf.num_hidden_layers,
+            num_attention_heads: hf.num_attention_heads,
+            num_key_value_heads: hf.num_key_value_heads.unwrap_or(hf.num_attention_heads),
+            max_position_embeddings: hf.max_position_embeddings,
+            rope_theta: rope_theta.unwrap_or(10_000.0),
+            rms_norm_eps: hf.rms_norm_eps,
+            tie_word_embeddings: hf.tie_word_embeddings,
+            initializer_range: hf.initializer_range,
+        };
+        if cfg.num_attention_heads == 0
+            || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
+            || cfg.num_key_value_heads == 0
+            || !cfg
+                .num_attention_heads
+                .is_multiple_of(cfg.num_key_value_heads)
+            || !cfg.head_dim().is_multiple_of(2)
+        {
+            return Err(unsupported(format!(
+                "inconsistent heads: hidden_size {}, num_attention_heads {}, num_key_value_heads {}",
+                cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
+            )));
+        }
+        Ok(cfg)
+    }
+
+    /// The `config.json` that `transformers` reads back as this configuration.
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": { "rope_type": "default", "rope_theta": self.rope_theta },
+            "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "initializer_range": self.initializer_range,
+            "hidden_act": "silu",
+            "attention_dropout": 0.0,
+            "use_sliding_window": false,
+            "rope_scaling": null,
+            "torch_dtype": "float32",
+        })
+    }
+
+    /// Maps a Hugging Face tensor to kiln's name and layout: linear weights are transposed
+    /// from `[out, in]` to Burn's `[in, out]`; a tied model's `lm_head.weight` is dropped
+    /// (the embedding serves as the head).
+    pub fn from_hf_tensor(&self, name: String, t: NamedTensor) -> Option<(String, NamedTensor)> {
+        if self.tie_word_embeddings && name == "lm_head.weight" {
+            return None;
+        }
+        Some(if is_linear_weight(&name, &t) {
+            (name, transpose(t))
+        } else {
+            (name, t)
+        })
+    }
+
+    /// The inverse of [`Qwen2Config::from_hf_tensor`].
+    pub fn to_hf_tensor(&self, name: String, t: NamedTensor) -> (String, NamedTensor) {
+        if is_linear_weight(&name, &t) {
+            (name, transpose(t))
+        } else {
+            (name, t)
+        }
+    }
+}
+
+fn is_linear_weight(name: &str, t: &NamedTensor) -> bool {
+    t.shape.len() == 2 && name != "model.embed_tokens.weight"
+}
+
+/// Transposes a 2-D tensor.
+fn transpose(t: NamedTensor) -> NamedTensor {
+    let (r, c) = (t.shape[0], t.shape[1]);
+    let mut values = vec![0.0f32; r * c];
+    for i in 0..r {
+        for j in 0..c {
+            values[j * r + i] = t.values[i * c + j];
+        }
+    }
+    NamedTensor {
+        shape: vec![c, r],
+        values,
     }
 }
 
@@ -211,8 +459,7 @@ impl Qwen2Config {
                 norm: RmsNorm::new(h, self.rms_norm_eps, device),
             },
             lm_head,
-            rope_theta: self.rope_theta,
-            vocab_size: self.vocab_size,
+            config: self.clone(),
         }
     }
 }
@@ -266,14 +513,10 @@ impl<B: Backend> Attention<B> {
     /// # Shapes
     /// - x: `[batch, seq, hidden]`
     /// - rope: cos and sin, each `[seq, head_dim]`
-    /// - causal_bias: `[groups * seq, seq]`, 0 where visible and -inf above the diagonal
+    /// - bias: `[1 or batch, 1, groups * seq, seq]`, added to the scores: 0 where visible,
+    ///   -inf above the diagonal, a large negative number on padding keys
     /// - returns `[batch, seq, hidden]`
-    pub fn forward(
-        &self,
-        x: Tensor<B, 3>,
-        rope: &Rope<B>,
-        causal_bias: &Tensor<B, 2>,
-    ) -> Tensor<B, 3> {
+    pub fn forward(&self, x: Tensor<B, 3>, rope: &Rope<B>, bias: &Tensor<B, 4>) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let g = h / kvh;
@@ -295,7 +538,7 @@ impl<B: Backend> Attention<B> {
         let q = q.reshape([b, kvh, g * t, d]); // [b, kvh, g*t, d]
         let scale = 1.0 / (d as f64).sqrt();
         let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale); // [b, kvh, g*t, t]
-        let scores = scores.add(causal_bias.clone().unsqueeze::<4>());
+        let scores = scores.add(bias.clone());
         let probs = softmax(scores, 3);
         let out = probs.matmul(v); // [b, kvh, g*t, d]
         let out = out
@@ -342,16 +585,11 @@ pub struct DecoderLayer<B: Backend> {
 impl<B: Backend> DecoderLayer<B> {
     /// # Shapes
     /// - x: `[batch, seq, hidden]` -> `[batch, seq, hidden]`
-    pub fn forward(
-        &self,
-        x: Tensor<B, 3>,
-        rope: &Rope<B>,
-        causal_bias: &Tensor<B, 2>,
-    ) -> Tensor<B, 3> {
+    pub fn forward(&self, x: Tensor<B, 3>, rope: &Rope<B>, bias: &Tensor<B, 4>) -> Tensor<B, 3> {
         let h = x.clone()
             + self
                 .self_attn
-                .forward(self.input_layernorm.forward(x), rope, causal_bias);
+                .forward(self.input_layernorm.forward(x), rope, bias);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
@@ -374,28 +612,55 @@ pub struct Qwen2ForCausalLM<B: Backend> {
     pub model: Qwen2Model<B>,
     /// Output head `[hidden, vocab]`; absent when tied to the embedding.
     pub lm_head: Option<Linear<B>>,
-    /// RoPE base.
-    pub rope_theta: f64,
-    /// Vocabulary size.
-    pub vocab_size: usize,
+    /// The configuration it was built from.
+    #[module(skip)]
+    pub config: Qwen2Config,
 }
 
 impl<B: Backend> Qwen2ForCausalLM<B> {
+    /// The configuration.
+    pub fn config(&self) -> &Qwen2Config {
+        &self.config
+    }
+
     /// Logits for every position.
     ///
     /// # Shapes
     /// - input_ids: `[batch, seq]`
     /// - returns `[batch, seq, vocab]`
     pub fn forward(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.forward_masked(input_ids, None)
+    }
+
+    /// Logits for every position, with padding keys masked out (as `transformers` does
+    /// with an `attention_mask`). Positions count from 0 at the first column whatever the
+    /// padding, as in `transformers`' forward without `position_ids`; outputs at padding
+    /// positions are meaningless.
+    ///
+    /// # Shapes
+    /// - input_ids: `[batch, seq]`
+    /// - padding: `[batch, seq]`, true where the token is padding
+    /// - returns `[batch, seq, vocab]`
+    pub fn forward_masked(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        padding: Option<Tensor<B, 2, Bool>>,
+    ) -> Tensor<B, 3> {
         let device = input_ids.device();
-        let [_, t] = input_ids.dims();
+        let [b, t] = input_ids.dims();
         let first = &self.model.layers[0].self_attn;
         let g = first.num_heads / first.num_kv_heads;
-        let rope = Rope::new(t, first.head_dim, self.rope_theta, &device);
-        let causal_bias = causal_bias::<B>(t, g, &device);
+        let rope = Rope::new(t, first.head_dim, self.config.rope_theta, &device);
+        let mut bias = causal_bias::<B>(t, g, &device).unsqueeze::<4>(); // [1, 1, g*t, t]
+        if let Some(pad) = padding {
+            // A large finite value, not -inf: a padding query whose every key is masked
+            // must still get a finite softmax, or its NaN would leak through `0 * NaN`.
+            let pad_bias = pad.float().mul_scalar(-1e9).reshape([b, 1, 1, t]); // [b, 1, 1, t]
+            bias = bias + pad_bias;
+        }
         let mut x = self.model.embed_tokens.forward(input_ids); // [b, t, hidden]
         for layer in &self.model.layers {
-            x = layer.forward(x, &rope, &causal_bias);
+            x = layer.forward(x, &rope, &bias);
         }
         let x = self.model.norm.forward(x);
         match &self.lm_head {

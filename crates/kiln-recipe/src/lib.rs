@@ -215,10 +215,15 @@ impl Recipe {
             .unwrap_or(1)
     }
 
-    /// The longest sequence the configured model accepts.
+    /// The longest sequence the configured model accepts, when the recipe itself says
+    /// (a model read from `hf_dir` is checked when it is loaded).
     pub fn model_max_position(&self) -> Option<usize> {
         match self.model.family {
-            ModelFamily::Qwen2 => self.model.qwen2.as_ref().map(|q| q.max_position_embeddings),
+            ModelFamily::Qwen2 => self.model.qwen2.as_ref().and_then(|q| {
+                q.hf_dir
+                    .is_none()
+                    .then(|| q.max_position_embeddings.unwrap_or(2048))
+            }),
         }
     }
 }

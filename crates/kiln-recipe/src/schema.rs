@@ -123,64 +123,95 @@ impl ModelFamily {
 }
 
 /// `[model.qwen2]`: a Qwen2 configuration, named as in Hugging Face's `Qwen2Config`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// Either `hf_dir` names a Hugging Face model directory (its `config.json` gives the
+/// architecture, and its safetensors the weights unless `init = "random"`), or the
+/// architecture keys below are written out (and the weights start random).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Qwen2Section {
-    /// How the weights start: only `random` for now.
-    #[serde(default)]
-    pub init: InitKind,
+    /// A local Hugging Face model directory (`config.json` + `model.safetensors` or a
+    /// sharded `model.safetensors.index.json`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hf_dir: Option<String>,
+    /// How the weights start: `pretrained` (from `hf_dir`; the default when it is set) or
+    /// `random` (from `run.seed`; the default otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<InitKind>,
     /// Vocabulary size (rows of the embedding and the output head).
-    pub vocab_size: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vocab_size: Option<usize>,
     /// Width of the residual stream.
-    pub hidden_size: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_size: Option<usize>,
     /// Width of the SwiGLU MLP.
-    pub intermediate_size: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intermediate_size: Option<usize>,
     /// Number of decoder layers.
-    pub num_hidden_layers: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_hidden_layers: Option<usize>,
     /// Number of query heads.
-    pub num_attention_heads: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_attention_heads: Option<usize>,
     /// Number of key/value heads (grouped-query attention); must divide the query heads.
-    pub num_key_value_heads: usize,
-    /// Longest sequence the model is configured for.
-    #[serde(default = "default_max_position")]
-    pub max_position_embeddings: usize,
-    /// RoPE base frequency.
-    #[serde(default = "default_rope_theta")]
-    pub rope_theta: f64,
-    /// RMSNorm epsilon.
-    #[serde(default = "default_rms_eps")]
-    pub rms_norm_eps: f64,
-    /// Share the embedding matrix with the output head.
-    #[serde(default)]
-    pub tie_word_embeddings: bool,
-    /// Standard deviation of the normal initialization (Hugging Face's `initializer_range`).
-    #[serde(default = "default_init_range")]
-    pub initializer_range: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_key_value_heads: Option<usize>,
+    /// Longest sequence the model is configured for (default 2048).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_position_embeddings: Option<usize>,
+    /// RoPE base frequency (default 1e6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
+    /// RMSNorm epsilon (default 1e-6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rms_norm_eps: Option<f64>,
+    /// Share the embedding matrix with the output head (default false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tie_word_embeddings: Option<bool>,
+    /// Standard deviation of the normal initialization (default 0.02).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initializer_range: Option<f64>,
 }
 
-fn default_max_position() -> usize {
-    2048
-}
+impl Qwen2Section {
+    /// The architecture keys (all but `hf_dir` and `init`) with their values, if set.
+    pub fn architecture_keys(&self) -> [(&'static str, bool); 11] {
+        [
+            ("vocab_size", self.vocab_size.is_some()),
+            ("hidden_size", self.hidden_size.is_some()),
+            ("intermediate_size", self.intermediate_size.is_some()),
+            ("num_hidden_layers", self.num_hidden_layers.is_some()),
+            ("num_attention_heads", self.num_attention_heads.is_some()),
+            ("num_key_value_heads", self.num_key_value_heads.is_some()),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings.is_some(),
+            ),
+            ("rope_theta", self.rope_theta.is_some()),
+            ("rms_norm_eps", self.rms_norm_eps.is_some()),
+            ("tie_word_embeddings", self.tie_word_embeddings.is_some()),
+            ("initializer_range", self.initializer_range.is_some()),
+        ]
+    }
 
-fn default_rope_theta() -> f64 {
-    1_000_000.0
-}
-
-fn default_rms_eps() -> f64 {
-    1e-6
-}
-
-fn default_init_range() -> f64 {
-    0.02
+    /// The effective init kind.
+    pub fn init_kind(&self) -> InitKind {
+        self.init.unwrap_or(if self.hf_dir.is_some() {
+            InitKind::Pretrained
+        } else {
+            InitKind::Random
+        })
+    }
 }
 
 /// How model weights are initialized.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum InitKind {
     /// Random init from `run.seed`.
-    #[default]
     Random,
+    /// The weights of `hf_dir`.
+    Pretrained,
 }
 
 /// `[tokenizer]`: how text becomes ids.

@@ -95,6 +95,31 @@ impl Recipe {
                     );
                     return;
                 };
+                let set = q.architecture_keys();
+                if q.hf_dir.is_some() {
+                    for (key, present) in set {
+                        if present {
+                            e.push(
+                                format!("model.qwen2.{key}"),
+                                "comes from the `config.json` of `hf_dir`; remove it from the recipe",
+                            );
+                        }
+                    }
+                    return;
+                }
+                if q.init == Some(crate::InitKind::Pretrained) {
+                    e.push("model.qwen2.init", "`pretrained` needs `hf_dir`");
+                }
+                for (key, present) in &set[..6] {
+                    if !present {
+                        e.push(format!("model.qwen2.{key}"), "missing (or give `hf_dir`)");
+                    }
+                }
+                let (Some(hidden), Some(heads), Some(kv)) =
+                    (q.hidden_size, q.num_attention_heads, q.num_key_value_heads)
+                else {
+                    return;
+                };
                 for (key, v) in [
                     ("vocab_size", q.vocab_size),
                     ("hidden_size", q.hidden_size),
@@ -104,51 +129,43 @@ impl Recipe {
                     ("num_key_value_heads", q.num_key_value_heads),
                     ("max_position_embeddings", q.max_position_embeddings),
                 ] {
-                    e.check(v > 0, format!("model.qwen2.{key}"), "must be at least 1");
+                    e.check(
+                        v != Some(0),
+                        format!("model.qwen2.{key}"),
+                        "must be at least 1",
+                    );
                 }
-                if q.num_attention_heads > 0 && q.hidden_size % q.num_attention_heads != 0 {
+                if heads > 0 && hidden % heads != 0 {
                     e.push(
                         "model.qwen2.hidden_size",
-                        format!(
-                            "{} is not divisible by num_attention_heads {}",
-                            q.hidden_size, q.num_attention_heads
-                        ),
+                        format!("{hidden} is not divisible by num_attention_heads {heads}"),
                     );
-                } else if q.num_attention_heads > 0
-                    && (q.hidden_size / q.num_attention_heads) % 2 != 0
-                {
+                } else if heads > 0 && (hidden / heads) % 2 != 0 {
                     e.push(
                         "model.qwen2.hidden_size",
                         format!(
                             "head dimension {} must be even for rotary embeddings",
-                            q.hidden_size / q.num_attention_heads
+                            hidden / heads
                         ),
                     );
                 }
-                if q.num_key_value_heads > 0 && q.num_attention_heads % q.num_key_value_heads != 0 {
+                if kv > 0 && heads % kv != 0 {
                     e.push(
                         "model.qwen2.num_key_value_heads",
-                        format!(
-                            "{} does not divide num_attention_heads {}",
-                            q.num_key_value_heads, q.num_attention_heads
-                        ),
+                        format!("{kv} does not divide num_attention_heads {heads}"),
                     );
                 }
-                e.check(
-                    q.rope_theta > 0.0,
-                    "model.qwen2.rope_theta",
-                    "must be positive",
-                );
-                e.check(
-                    q.rms_norm_eps > 0.0,
-                    "model.qwen2.rms_norm_eps",
-                    "must be positive",
-                );
-                e.check(
-                    q.initializer_range > 0.0,
-                    "model.qwen2.initializer_range",
-                    "must be positive",
-                );
+                for (key, v) in [
+                    ("rope_theta", q.rope_theta),
+                    ("rms_norm_eps", q.rms_norm_eps),
+                    ("initializer_range", q.initializer_range),
+                ] {
+                    e.check(
+                        v.is_none_or(|v| v > 0.0),
+                        format!("model.qwen2.{key}"),
+                        "must be positive",
+                    );
+                }
             }
         }
     }

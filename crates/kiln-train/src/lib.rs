@@ -10,6 +10,7 @@
 //! terminal: progress goes to an [`Observer`].
 
 pub mod checkpoint;
+pub mod loss;
 mod metrics;
 pub mod optim;
 pub mod run;

@@ -6,7 +6,6 @@ use std::time::Instant;
 
 use burn::module::AutodiffModule;
 use burn::prelude::*;
-use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::AutodiffBackend;
 
 use kiln_data::{Batch, DataPipeline, Tokenizer};
@@ -14,39 +13,12 @@ use kiln_models::{Model, ModelSpec, NamedTensor, load_named, named_params};
 use kiln_recipe::Recipe;
 
 use crate::checkpoint::{Checkpoint, TrainState, write_checkpoint};
+use crate::loss::{input_tensor, masked_nll};
 use crate::metrics::MetricsLog;
 use crate::optim::{AdamW, GradAccumulator, Moments};
 use crate::run::{RunDir, RunStatus};
 use crate::schedule::Schedule;
 use crate::{EvalMetrics, Event, Observer, Outcome, StepMetrics, TrainError};
-
-/// Summed negative log-likelihood over the masked targets of a batch.
-///
-/// # Shapes
-/// - logits: `[batch, seq, vocab]`
-/// - returns `[1]` (the sum) and, when `per_token`, `[batch * seq]` masked losses
-fn masked_nll<B: Backend>(
-    logits: Tensor<B, 3>,
-    batch: &Batch,
-    device: &B::Device,
-) -> (Tensor<B, 1>, Tensor<B, 1>) {
-    let [b, t, v] = logits.dims();
-    let logp = log_softmax(logits.reshape([b * t, v]), 1); // [b*t, v]
-    let targets: Vec<i64> = batch.targets.iter().map(|&x| i64::from(x)).collect();
-    let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [b * t, 1]), device);
-    let mask = Tensor::<B, 1>::from_data(TensorData::new(batch.mask.clone(), [b * t]), device);
-    let picked = logp.gather(1, targets).reshape([b * t]); // [b*t]
-    let per_token = picked.neg().mul(mask);
-    (per_token.clone().sum(), per_token)
-}
-
-fn input_tensor<B: Backend>(batch: &Batch, device: &B::Device) -> Tensor<B, 2, Int> {
-    let ids: Vec<i64> = batch.inputs.iter().map(|&x| i64::from(x)).collect();
-    Tensor::from_data(
-        TensorData::new(ids, [batch.batch_size, batch.window]),
-        device,
-    )
-}
 
 fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
     f64::from(t.into_scalar().elem::<f32>())
