@@ -44,6 +44,13 @@ struct Cli {
     command: Command,
 }
 
+/// Export formats.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ExportFormat {
+    /// Hugging Face `transformers`: config.json + (sharded) model.safetensors.
+    Hf,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Train a recipe from scratch into a new run directory.
@@ -85,6 +92,23 @@ enum Command {
         /// Which checkpoint: `step-N`, `N` or `latest`.
         #[arg(long, default_value = "latest", value_name = "step-N")]
         checkpoint: String,
+    },
+    /// Write a checkpoint as a Hugging Face model directory that `transformers` loads.
+    Export {
+        /// The run directory.
+        run_dir: PathBuf,
+        /// Output format (`hf`: config.json + safetensors).
+        #[arg(long, value_enum, default_value = "hf")]
+        format: ExportFormat,
+        /// Directory to write (created if needed).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Which checkpoint: `step-N`, `N` or `latest`.
+        #[arg(long, default_value = "latest", value_name = "step-N")]
+        checkpoint: String,
+        /// Split the weights into shards no larger than this (e.g. `5GB`, `500MB`).
+        #[arg(long, default_value = "5GB", value_name = "SIZE")]
+        max_shard_size: String,
     },
     /// Show the resolved recipe, parameter count, tokens per step, data and memory estimate.
     Inspect {
@@ -213,6 +237,34 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&metrics)?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Export {
+            run_dir,
+            format: ExportFormat::Hf,
+            out,
+            checkpoint,
+            max_shard_size,
+        } => {
+            let run = RunDir::open(&run_dir)?;
+            let recipe = run.load_recipe(&[])?.recipe;
+            let ckpt = find_checkpoint(&run_dir, &checkpoint)?;
+            let max_shard = parse_size(&max_shard_size)?;
+            let step = ckpt.state.step;
+            // Export only moves weights: the CPU backend serves whatever the run used.
+            let device = burn::backend::flex::FlexDevice;
+            let model = kiln_models::Model::<burn::backend::Flex>::with_weights(
+                &recipe, ckpt.model, &device,
+            )?;
+            let files = model.export_hf(&out, max_shard)?;
+            eprintln!(
+                "exported step {step} of {} to {}:",
+                run_dir.display(),
+                out.display()
+            );
+            for f in files {
+                println!("{}", f.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Inspect {
             recipe,
             set,
@@ -223,6 +275,34 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Parses `5GB`, `500MB`, `64KB` (powers of 1000, as `transformers`' max_shard_size) or a
+/// number of bytes.
+fn parse_size(text: &str) -> Result<u64> {
+    let t = text.trim().to_ascii_uppercase();
+    let (number, unit) = match t.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => (&t[..i], &t[i..]),
+        None => (t.as_str(), "B"),
+    };
+    let scale = match unit {
+        "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "KIB" => 1024.0,
+        "MIB" => 1024.0 * 1024.0,
+        "GIB" => 1024.0 * 1024.0 * 1024.0,
+        _ => bail!("`{text}`: unknown size unit (use B, KB, MB, GB, KiB, MiB or GiB)"),
+    };
+    let value: f64 = number
+        .trim()
+        .parse()
+        .with_context(|| format!("`{text}` is not a size"))?;
+    if !(value > 0.0) {
+        bail!("`{text}`: size must be positive");
+    }
+    Ok((value * scale) as u64)
 }
 
 /// A path as a TOML string literal (for `--out`).

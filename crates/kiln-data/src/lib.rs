@@ -82,10 +82,10 @@ pub enum DataError {
         path: PathBuf,
     },
     /// The tokenizer's vocabulary does not fit the model.
-    #[error("model.{family}.vocab_size: {model} is smaller than the tokenizer's {tokenizer} ids")]
+    #[error("{key}: {model} is smaller than the tokenizer's {tokenizer} ids")]
     Vocab {
-        /// The model family (its recipe table).
-        family: &'static str,
+        /// Where the vocabulary size is set.
+        key: String,
         /// The model's vocabulary size.
         model: usize,
         /// The tokenizer's vocabulary size.
@@ -195,7 +195,7 @@ impl DataPipeline {
         let tokenizer = tokenizer_for(recipe);
         if model_vocab < tokenizer.vocab_size() {
             return Err(DataError::Vocab {
-                family: recipe.model.family.as_str(),
+                key: recipe.model_vocab_key(),
                 model: model_vocab,
                 tokenizer: tokenizer.vocab_size(),
             });

@@ -108,6 +108,20 @@ impl<B: Backend> Model<B> {
         }
     }
 
+    /// Builds the recipe's architecture with the given weights (e.g. from a checkpoint),
+    /// without reading any pretrained files.
+    pub fn with_weights(
+        recipe: &Recipe,
+        tensors: BTreeMap<String, NamedTensor>,
+        device: &B::Device,
+    ) -> Result<Self, ModelError> {
+        let init = Init::new(recipe.run.seed);
+        let model = match ModelSpec::from_recipe(recipe)? {
+            ModelSpec::Qwen2(cfg) => Self::Qwen2(cfg.init(&init, device)),
+        };
+        load_named(model, tensors, device)
+    }
+
     /// Loads a Hugging Face Qwen2 directory (`config.json` + safetensors).
     pub fn from_hf_dir(dir: &Path, device: &B::Device) -> Result<Self, ModelError> {
         let cfg = Qwen2Config::from_hf_dir(dir)?;

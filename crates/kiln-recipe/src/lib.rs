@@ -215,6 +215,17 @@ impl Recipe {
             .unwrap_or(1)
     }
 
+    /// Where the model's vocabulary size is set, for error messages.
+    pub fn model_vocab_key(&self) -> String {
+        match self.model.family {
+            ModelFamily::Qwen2 => match self.model.qwen2.as_ref().and_then(|q| q.hf_dir.as_deref())
+            {
+                Some(dir) => format!("model.qwen2.hf_dir: `{dir}/config.json` vocab_size"),
+                None => "model.qwen2.vocab_size".to_string(),
+            },
+        }
+    }
+
     /// The longest sequence the configured model accepts, when the recipe itself says
     /// (a model read from `hf_dir` is checked when it is loaded).
     pub fn model_max_position(&self) -> Option<usize> {

@@ -9,7 +9,7 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 
 use kiln_data::{Batch, DataPipeline, Tokenizer};
-use kiln_models::{Model, ModelSpec, NamedTensor, load_named, named_params};
+use kiln_models::{Model, ModelSpec, NamedTensor, named_params};
 use kiln_recipe::Recipe;
 
 use crate::checkpoint::{Checkpoint, TrainState, write_checkpoint};
@@ -86,8 +86,7 @@ pub fn evaluate_checkpoint<B: Backend>(
 ) -> Result<EvalMetrics, TrainError> {
     let spec = ModelSpec::from_recipe(recipe)?;
     let data = DataPipeline::new(recipe, spec.vocab_size())?;
-    let model = Model::<B>::from_recipe(recipe, device)?;
-    let model = load_named(model, checkpoint.model, device)?;
+    let model = Model::<B>::with_weights(recipe, checkpoint.model, device)?;
     let batches = data.eval_batches(recipe.phases[0].batch_size);
     let (loss, count, bpb) = evaluate(&model, &batches, data.tokenizer(), device).ok_or_else(|| {
         TrainError::RunDir("no held-out data to evaluate on (data.eval_holdout is 0, or every source has a single document)".to_string())
@@ -198,11 +197,11 @@ pub fn train<B: AutodiffBackend>(
     let recipe_hash = recipe.hash();
 
     B::seed(device, recipe.run.seed);
-    let mut model = Model::<B>::from_recipe(recipe, device)?;
     let mut optim = AdamW::<B::InnerBackend>::new(&recipe.optim);
+    let mut model;
     let mut state = match start {
         Some(ckpt) => {
-            model = load_named(model, ckpt.model, device)?;
+            model = Model::<B>::with_weights(recipe, ckpt.model, device)?;
             restore_optimizer(&mut optim, ckpt.optimizer, ckpt.state.step, device)?;
             data.check_cursor(&ckpt.state.cursor)?;
             observer.event(Event::Info(format!(
@@ -216,16 +215,19 @@ pub fn train<B: AutodiffBackend>(
                 ..ckpt.state
             }
         }
-        None => TrainState {
-            step: 0,
-            tokens: 0,
-            trained_tokens: 0,
-            elapsed_s: 0.0,
-            cursor: data.initial_cursor(recipe.run.seed),
-            recipe_hash: recipe_hash.clone(),
-            kiln_version: env!("CARGO_PKG_VERSION").to_string(),
-            files: BTreeMap::new(),
-        },
+        None => {
+            model = Model::<B>::from_recipe(recipe, device)?;
+            TrainState {
+                step: 0,
+                tokens: 0,
+                trained_tokens: 0,
+                elapsed_s: 0.0,
+                cursor: data.initial_cursor(recipe.run.seed),
+                recipe_hash: recipe_hash.clone(),
+                kiln_version: env!("CARGO_PKG_VERSION").to_string(),
+                files: BTreeMap::new(),
+            }
+        }
     };
     // Rows past the starting step were written by a session that died before its next
     // checkpoint (or, starting from zero, before any): they are replayed, so drop them.

@@ -182,3 +182,37 @@ fn qwen2_matches_transformers_on_ndarray() {
 fn qwen2_matches_transformers_on_flex() {
     all::<Autodiff<Flex>>(Default::default());
 }
+
+/// kiln trained and exported `tests/fixtures/qwen2/roundtrip`; transformers loaded that
+/// export and wrote the logits it computes (`scripts/make_roundtrip_fixture.sh`). kiln must
+/// compute the same logits from the same files: transformers reads kiln's export exactly.
+#[test]
+fn transformers_reads_kiln_exports_exactly() {
+    let dir = fixture("roundtrip");
+    let check: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("hf_check.json")).unwrap()).unwrap();
+    assert_eq!(check["transformers_loaded"], true);
+    let bytes = std::fs::read(dir.join("hf_logits.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let ids_view = st.tensor("input_ids").unwrap();
+    let (b, t) = (ids_view.shape()[0], ids_view.shape()[1]);
+    let ids: Vec<i64> = ids_view
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let want: Vec<f64> = st
+        .tensor("logits")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+        .collect();
+    let device = Default::default();
+    let model = Model::<Flex>::from_hf_dir(&dir, &device).unwrap();
+    let input = Tensor::<Flex, 2, Int>::from_data(TensorData::new(ids, [b, t]), &device);
+    let got = to_vec(model.forward(input).logits);
+    let diff = max_abs_diff(&got, &want);
+    eprintln!("roundtrip: kiln vs transformers logits max abs diff {diff:.2e}");
+    assert!(diff < 1e-5, "logits differ by {diff:e}");
+}
