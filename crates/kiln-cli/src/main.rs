@@ -299,7 +299,7 @@ fn parse_size(text: &str) -> Result<u64> {
         .trim()
         .parse()
         .with_context(|| format!("`{text}` is not a size"))?;
-    if !(value > 0.0) {
+    if !value.is_finite() || value <= 0.0 {
         bail!("`{text}`: size must be positive");
     }
     Ok((value * scale) as u64)
