@@ -44,6 +44,25 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Subcommand)]
+enum TokenizerCommand {
+    /// Train a Qwen2-style byte-level BPE tokenizer (ChatML special tokens) on a recipe's
+    /// sources and write its tokenizer.json.
+    Train {
+        /// The recipe whose `[[data.sources]]` to read.
+        recipe: PathBuf,
+        /// Override a recipe key, as for `train`.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Vocabulary size, special tokens included.
+        #[arg(long, value_name = "N")]
+        vocab_size: usize,
+        /// Where to write tokenizer.json.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+}
+
 /// Export formats.
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum ExportFormat {
@@ -109,6 +128,11 @@ enum Command {
         /// Split the weights into shards no larger than this (e.g. `5GB`, `500MB`).
         #[arg(long, default_value = "5GB", value_name = "SIZE")]
         max_shard_size: String,
+    },
+    /// Tokenizer tools.
+    Tokenizer {
+        #[command(subcommand)]
+        action: TokenizerCommand,
     },
     /// Show the resolved recipe, parameter count, tokens per step, data and memory estimate.
     Inspect {
@@ -263,6 +287,31 @@ fn run(cli: Cli) -> Result<ExitCode> {
             for f in files {
                 println!("{}", f.display());
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Tokenizer {
+            action:
+                TokenizerCommand::Train {
+                    recipe,
+                    set,
+                    vocab_size,
+                    out,
+                },
+        } => {
+            let loaded = kiln_recipe::load(&recipe, &set)?;
+            let mut texts = Vec::new();
+            for (i, src) in loaded.recipe.data.sources.iter().enumerate() {
+                let docs = kiln_data::read_documents(src, i)?;
+                eprintln!("source `{}`: {} documents", src.name, docs.len());
+                texts.extend(docs.into_iter().map(|d| d.text));
+            }
+            let tok = kiln_data::bpe::train_bpe(texts.iter(), vocab_size, &out)?;
+            eprintln!(
+                "trained a byte-level BPE tokenizer of {} ids on {} documents",
+                tok.get_vocab_size(true),
+                texts.len()
+            );
+            println!("{}", out.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Inspect {

@@ -8,6 +8,8 @@
 //!
 //! This crate does not depend on Burn: batches are plain vectors.
 
+pub mod bpe;
+pub mod chat;
 mod source;
 mod tokenizer;
 mod window;
@@ -21,8 +23,8 @@ use kiln_recipe::{Recipe, Windowing};
 
 pub use kiln_recipe::rng::SplitMix64;
 pub use source::{Document, read_documents, source_files};
-pub use tokenizer::{BYTE_SPECIAL_TOKENS, ByteTokenizer, Tokenizer};
-pub use window::{SourceCounts, SourceCursor, Window, WindowSpec, next_window};
+pub use tokenizer::{BYTE_SPECIAL_TOKENS, ByteTokenizer, HfTokenizer, Tokenizer};
+pub use window::{Doc, SourceCounts, SourceCursor, Window, WindowSpec, next_window};
 
 /// Errors from reading and preparing data; each names the file, line or recipe key.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +96,24 @@ pub enum DataError {
     /// A data cursor does not match the recipe's sources.
     #[error("data cursor names source `{0}`, which the recipe does not have")]
     CursorMismatch(String),
+    /// A tokenizer file is missing or unusable.
+    #[error("`{path}`: {message}")]
+    Tokenizer {
+        /// The tokenizer file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A chat row cannot be rendered.
+    #[error("{path}:{line}: {message}")]
+    Chat {
+        /// The file.
+        path: PathBuf,
+        /// The line.
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
 }
 
 /// A tokenized source, split into training and held-out documents.
@@ -102,9 +122,9 @@ pub struct PreparedSource {
     /// Source name.
     pub name: String,
     /// Training documents (ids, each ending with end-of-text).
-    pub train: Vec<Vec<u32>>,
+    pub train: Vec<Doc>,
     /// Held-out documents for evaluation.
-    pub heldout: Vec<Vec<u32>>,
+    pub heldout: Vec<Doc>,
     /// Origin of each training document, for samples and messages.
     pub origins: Vec<String>,
 }
@@ -183,16 +203,42 @@ impl std::fmt::Debug for DataPipeline {
 }
 
 /// The tokenizer a recipe asks for.
-pub fn tokenizer_for(recipe: &Recipe) -> Box<dyn Tokenizer> {
-    match recipe.tokenizer.kind {
+pub fn tokenizer_for(recipe: &Recipe) -> Result<Box<dyn Tokenizer>, DataError> {
+    let t = &recipe.tokenizer;
+    Ok(match t.kind {
         kiln_recipe::TokenizerKind::Bytes => Box::new(ByteTokenizer),
-    }
+        kiln_recipe::TokenizerKind::Hf => {
+            let path = t.path.as_deref().unwrap_or("tokenizer.json");
+            Box::new(HfTokenizer::from_path(
+                std::path::Path::new(path),
+                t.eos.as_deref(),
+                t.pad.as_deref(),
+            )?)
+        }
+    })
+}
+
+/// Tokenizes a document: ids plus end-of-text, and for chat documents which tokens are
+/// trained on (a token is trained when it starts inside a trained span; the end-of-text
+/// of a chat document is not).
+pub fn tokenize_document(tokenizer: &dyn Tokenizer, doc: &Document) -> Doc {
+    let (mut ids, offsets) = tokenizer.encode_with_offsets(&doc.text);
+    ids.push(tokenizer.eos_id());
+    let trained = doc.trained.as_ref().map(|spans| {
+        let mut flags: Vec<bool> = offsets
+            .iter()
+            .map(|(start, _)| spans.iter().any(|r| r.contains(start)))
+            .collect();
+        flags.push(false);
+        flags
+    });
+    Doc { ids, trained }
 }
 
 impl DataPipeline {
     /// Reads and tokenizes every source of the recipe and splits off held-out documents.
     pub fn new(recipe: &Recipe, model_vocab: usize) -> Result<Self, DataError> {
-        let tokenizer = tokenizer_for(recipe);
+        let tokenizer = tokenizer_for(recipe)?;
         if model_vocab < tokenizer.vocab_size() {
             return Err(DataError::Vocab {
                 key: recipe.model_vocab_key(),
@@ -200,7 +246,6 @@ impl DataPipeline {
                 tokenizer: tokenizer.vocab_size(),
             });
         }
-        let eos = tokenizer.eos_id();
         let mut sources = Vec::new();
         for (i, src) in recipe.data.sources.iter().enumerate() {
             let docs = read_documents(src, i)?;
@@ -211,13 +256,9 @@ impl DataPipeline {
             } else {
                 ((n as f64 * recipe.data.eval_holdout).ceil() as usize).clamp(1, n - 1)
             };
-            let mut ids: Vec<Vec<u32>> = docs
+            let mut ids: Vec<Doc> = docs
                 .iter()
-                .map(|d| {
-                    let mut t = tokenizer.encode(&d.text);
-                    t.push(eos);
-                    t
-                })
+                .map(|d| tokenize_document(tokenizer.as_ref(), d))
                 .collect();
             let heldout = ids.split_off(n - held);
             sources.push(PreparedSource {

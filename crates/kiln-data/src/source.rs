@@ -13,6 +13,9 @@ pub struct Document {
     pub text: String,
     /// `file` or `file:line` of the document's start.
     pub origin: String,
+    /// Byte ranges of `text` trained on (chat documents: the assistant turns); `None`
+    /// trains on everything.
+    pub trained: Option<Vec<std::ops::Range<usize>>>,
 }
 
 /// The files of a source: the path itself, or the sorted regular files of a directory.
@@ -87,7 +90,12 @@ pub fn read_documents(source: &Source, index: usize) -> Result<Vec<Document>, Da
         })?;
         match source.format {
             SourceFormat::Text => read_text(&text, &file, source.split, &mut docs),
-            SourceFormat::Jsonl => read_jsonl(&text, &file, &source.text_field, &mut docs)?,
+            SourceFormat::Jsonl => match &source.messages_field {
+                Some(field) => {
+                    read_chat_jsonl(&text, &file, field, &source.tools_field, &mut docs)?
+                }
+                None => read_jsonl(&text, &file, &source.text_field, &mut docs)?,
+            },
         }
     }
     if docs.is_empty() {
@@ -108,6 +116,7 @@ fn read_text(text: &str, file: &Path, split: TextSplit, docs: &mut Vec<Document>
                 docs.push(Document {
                     text: t.to_string(),
                     origin: file.display().to_string(),
+                    trained: None,
                 });
             }
         }
@@ -136,6 +145,7 @@ fn flush_block(block: &mut String, file: &Path, line: usize, docs: &mut Vec<Docu
         docs.push(Document {
             text: std::mem::take(block),
             origin: format!("{}:{line}", file.display()),
+            trained: None,
         });
     }
     block.clear();
@@ -183,8 +193,62 @@ fn read_jsonl(
             docs.push(Document {
                 text: text.clone(),
                 origin: format!("{}:{line_no}", file.display()),
+                trained: None,
             });
         }
+    }
+    Ok(())
+}
+
+/// Reads chat rows (`{"messages": [...], "tools": [...]}`) and renders each with the
+/// Qwen2.5 template, keeping the assistant spans as the trained ranges.
+fn read_chat_jsonl(
+    text: &str,
+    file: &Path,
+    messages_field: &str,
+    tools_field: &str,
+    docs: &mut Vec<Document>,
+) -> Result<(), DataError> {
+    for (i, line) in text.lines().enumerate() {
+        let line_no = i + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let json_err = |message: String| DataError::Json {
+            path: file.to_path_buf(),
+            line: line_no,
+            message,
+        };
+        let mut value: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| json_err(e.to_string()))?;
+        let obj = value
+            .as_object_mut()
+            .ok_or_else(|| json_err("expected a JSON object".to_string()))?;
+        let messages = obj
+            .remove(messages_field)
+            .ok_or_else(|| DataError::MissingField {
+                path: file.to_path_buf(),
+                line: line_no,
+                field: messages_field.to_string(),
+            })?;
+        let messages: Vec<crate::chat::Message> = serde_json::from_value(messages)
+            .map_err(|e| json_err(format!("field `{messages_field}`: {e}")))?;
+        let tools = match obj.remove(tools_field) {
+            None | Some(serde_json::Value::Null) => Vec::new(),
+            Some(serde_json::Value::Array(t)) => t,
+            Some(_) => return Err(json_err(format!("field `{tools_field}` must be an array"))),
+        };
+        let rendered =
+            crate::chat::render(&messages, &tools, false).map_err(|e| DataError::Chat {
+                path: file.to_path_buf(),
+                line: line_no,
+                message: e.to_string(),
+            })?;
+        docs.push(Document {
+            text: rendered.text,
+            origin: format!("{}:{line_no}", file.display()),
+            trained: Some(rendered.trained),
+        });
     }
     Ok(())
 }

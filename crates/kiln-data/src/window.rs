@@ -35,6 +35,43 @@ pub struct SourceCounts {
     pub overlap: u64,
 }
 
+/// A tokenized document: ids (ending with end-of-text) and, for chat documents, which
+/// tokens are trained on as targets (`None`: all of them).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Doc {
+    /// Token ids.
+    pub ids: Vec<u32>,
+    /// Per token: trained when it is a target.
+    pub trained: Option<Vec<bool>>,
+}
+
+impl Doc {
+    /// Number of tokens.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether the document has no tokens.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    fn trained_at(&self, i: usize) -> bool {
+        self.trained.as_ref().is_none_or(|t| t[i])
+    }
+
+    /// Target tokens trained on in a full pass (every token but the first).
+    pub fn trainable_targets(&self) -> u64 {
+        (1..self.len()).filter(|&i| self.trained_at(i)).count() as u64
+    }
+}
+
+impl From<Vec<u32>> for Doc {
+    fn from(ids: Vec<u32>) -> Self {
+        Self { ids, trained: None }
+    }
+}
+
 /// One window: `tokens.len() == window + 1`, `mask.len() == window`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Window {
@@ -62,20 +99,23 @@ pub struct WindowSpec {
 /// `docs` must be non-empty and every document must hold at least two tokens (text plus
 /// end-of-text), which the pipeline guarantees.
 pub fn next_window(
-    docs: &[Vec<u32>],
+    docs: &[Doc],
     cursor: &mut SourceCursor,
     counts: &mut SourceCounts,
     spec: WindowSpec,
 ) -> Window {
     let w = spec.window;
     let mut tokens = Vec::with_capacity(w + 1);
+    // Whether each token is trainable as a target (chat documents train assistant turns only).
+    let mut trainable: Vec<bool> = Vec::with_capacity(w + 1);
     let mut mask = vec![0.0f32; w];
     match spec.mode {
         Windowing::Belt => {
             let doc = &docs[cursor.document];
             let start = cursor.offset;
             let end = (start + w + 1).min(doc.len());
-            tokens.extend_from_slice(&doc[start..end]);
+            tokens.extend_from_slice(&doc.ids[start..end]);
+            trainable.extend((start..end).map(|i| doc.trained_at(i)));
             let targets = end - start - 1;
             // Positions below `skip` predict tokens the previous window already trained.
             let skip = if start > 0 {
@@ -99,7 +139,8 @@ pub fn next_window(
             while tokens.len() < w + 1 {
                 let doc = &docs[cursor.document];
                 let take = (w + 1 - tokens.len()).min(doc.len() - cursor.offset);
-                tokens.extend_from_slice(&doc[cursor.offset..cursor.offset + take]);
+                tokens.extend_from_slice(&doc.ids[cursor.offset..cursor.offset + take]);
+                trainable.extend((cursor.offset..cursor.offset + take).map(|i| doc.trained_at(i)));
                 cursor.offset += take;
                 if cursor.offset >= doc.len() {
                     advance_document(docs, cursor);
@@ -116,12 +157,19 @@ pub fn next_window(
         Windowing::Truncate => {
             let doc = &docs[cursor.document];
             let end = (w + 1).min(doc.len());
-            tokens.extend_from_slice(&doc[..end]);
+            tokens.extend_from_slice(&doc.ids[..end]);
+            trainable.extend((0..end).map(|i| doc.trained_at(i)));
             for m in &mut mask[..end - 1] {
                 *m = 1.0;
             }
             counts.dropped += (doc.len() - end) as u64;
             advance_document(docs, cursor);
+        }
+    }
+    // Chat documents: only targets inside trained spans count.
+    for (m, t) in mask.iter_mut().zip(&trainable[1..]) {
+        if !t {
+            *m = 0.0;
         }
     }
     let real = tokens.len();
@@ -132,7 +180,7 @@ pub fn next_window(
     Window { tokens, mask }
 }
 
-fn advance_document(docs: &[Vec<u32>], cursor: &mut SourceCursor) {
+fn advance_document(docs: &[Doc], cursor: &mut SourceCursor) {
     cursor.offset = 0;
     cursor.document += 1;
     if cursor.document >= docs.len() {
@@ -143,7 +191,7 @@ fn advance_document(docs: &[Vec<u32>], cursor: &mut SourceCursor) {
 
 /// Moves a cursor that sits at the start of a document back onto the previous document's
 /// last token (crossing an epoch boundary backwards if needed).
-fn retreat_to_last_token(docs: &[Vec<u32>], cursor: &mut SourceCursor) {
+fn retreat_to_last_token(docs: &[Doc], cursor: &mut SourceCursor) {
     if cursor.document == 0 {
         cursor.document = docs.len() - 1;
         cursor.epoch -= 1;
@@ -168,7 +216,10 @@ mod tests {
 
     #[test]
     fn belt_trains_every_token_once_in_order() {
-        let docs = vec![(0..10).collect::<Vec<u32>>(), vec![20, 21, 22]];
+        let docs: Vec<Doc> = vec![
+            (0..10).collect::<Vec<u32>>().into(),
+            vec![20, 21, 22].into(),
+        ];
         let mut c = SourceCursor::default();
         let mut n = SourceCounts::default();
         let w1 = next_window(&docs, &mut c, &mut n, spec(4, Windowing::Belt, 0));
@@ -196,7 +247,7 @@ mod tests {
 
     #[test]
     fn belt_overlap_is_context_not_trained_twice() {
-        let docs = vec![(0..10).collect::<Vec<u32>>()];
+        let docs: Vec<Doc> = vec![(0..10).collect::<Vec<u32>>().into()];
         let mut c = SourceCursor::default();
         let mut n = SourceCounts::default();
         let s = spec(4, Windowing::Belt, 2);
@@ -213,7 +264,11 @@ mod tests {
 
     #[test]
     fn pack_streams_across_documents() {
-        let docs = vec![vec![1, 2, 3], vec![4, 5], vec![6, 7, 8, 9]];
+        let docs: Vec<Doc> = vec![
+            vec![1, 2, 3].into(),
+            vec![4, 5].into(),
+            vec![6, 7, 8, 9].into(),
+        ];
         let mut c = SourceCursor::default();
         let mut n = SourceCounts::default();
         let s = spec(3, Windowing::Pack, 0);
@@ -234,8 +289,22 @@ mod tests {
     }
 
     #[test]
+    fn only_trained_tokens_of_chat_documents_are_targets() {
+        let doc = Doc {
+            ids: vec![1, 2, 3, 4, 5],
+            trained: Some(vec![false, false, true, true, false]),
+        };
+        let mut c = SourceCursor::default();
+        let mut n = SourceCounts::default();
+        let w = next_window(&[doc], &mut c, &mut n, spec(4, Windowing::Belt, 0));
+        // Targets are tokens 2..=5: trained flags true, true, false of tokens 3, 4, 5.
+        assert_eq!(w.mask, vec![0.0, 1.0, 1.0, 0.0]);
+        assert_eq!(n.trained, 2);
+    }
+
+    #[test]
     fn truncate_drops_the_rest() {
-        let docs = vec![(0..10).collect::<Vec<u32>>(), vec![1, 2]];
+        let docs: Vec<Doc> = vec![(0..10).collect::<Vec<u32>>().into(), vec![1, 2].into()];
         let mut c = SourceCursor::default();
         let mut n = SourceCounts::default();
         let s = spec(4, Windowing::Truncate, 0);

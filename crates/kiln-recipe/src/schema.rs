@@ -221,6 +221,16 @@ pub struct TokenizerSection {
     /// The tokenizer kind.
     #[serde(default)]
     pub kind: TokenizerKind,
+    /// For `hf`: a `tokenizer.json`, or a directory holding one (e.g. the model's `hf_dir`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// End-of-text token appended to every document (default: the first of
+    /// `<|endoftext|>`, `</s>`, `<eos>`, `<|end_of_text|>` the tokenizer has).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eos: Option<String>,
+    /// Padding token (never trained on; default: `<|pad|>` if present, else `eos`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pad: Option<String>,
 }
 
 /// The tokenizers kiln knows.
@@ -230,6 +240,8 @@ pub enum TokenizerKind {
     /// One token per byte plus a few special tokens: needs no file.
     #[default]
     Bytes,
+    /// A Hugging Face `tokenizer.json` (the `tokenizers` library).
+    Hf,
 }
 
 /// `[data]`: the sources every phase draws from.
@@ -265,6 +277,18 @@ pub struct Source {
     /// For `jsonl`: the field holding the document text.
     #[serde(default = "default_text_field")]
     pub text_field: String,
+    /// For `jsonl` chat rows: the field holding the messages (system/user/assistant/tool,
+    /// assistant `tool_calls`). Rows are rendered with the Qwen2.5 ChatML template and only
+    /// assistant turns are trained on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages_field: Option<String>,
+    /// For chat rows: the field holding the tool definitions, if any.
+    #[serde(default = "default_tools_field")]
+    pub tools_field: String,
+}
+
+fn default_tools_field() -> String {
+    "tools".to_string()
 }
 
 fn default_text_field() -> String {

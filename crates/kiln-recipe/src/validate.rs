@@ -171,6 +171,27 @@ impl Recipe {
     }
 
     fn validate_data(&self, e: &mut Errors<'_>) {
+        let t = &self.tokenizer;
+        match t.kind {
+            crate::TokenizerKind::Hf => e.check(
+                t.path.is_some(),
+                "tokenizer.path",
+                "missing: `kind = \"hf\"` needs the path of a tokenizer.json (or its directory)",
+            ),
+            crate::TokenizerKind::Bytes => {
+                for (key, set) in [
+                    ("path", t.path.is_some()),
+                    ("eos", t.eos.is_some()),
+                    ("pad", t.pad.is_some()),
+                ] {
+                    e.check(
+                        !set,
+                        format!("tokenizer.{key}"),
+                        "applies to `kind = \"hf\"` only",
+                    );
+                }
+            }
+        }
         e.check(
             (0.0..1.0).contains(&self.data.eval_holdout),
             "data.eval_holdout",
