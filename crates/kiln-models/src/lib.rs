@@ -8,6 +8,7 @@
 //! built from the module field names by [`named_params`]; [`load_named`] puts tensors back
 //! and reports every missing, unused or mis-shaped name.
 
+pub mod generate;
 pub mod hf;
 pub mod init;
 pub mod qwen2;
@@ -20,8 +21,9 @@ use burn::prelude::*;
 
 use kiln_recipe::{InitKind, ModelFamily, Recipe};
 
+pub use generate::{GenerateError, GenerateOptions, Generation, generate};
 pub use init::Init;
-pub use qwen2::{Qwen2Config, Qwen2ForCausalLM};
+pub use qwen2::{KvCache, Qwen2Config, Qwen2ForCausalLM};
 
 /// Errors from building or loading a model.
 #[derive(Debug, thiserror::Error)]

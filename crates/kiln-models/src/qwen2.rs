@@ -7,6 +7,10 @@
 //! loading needs no renaming. Burn's `Linear.weight` is `[in, out]`; Hugging Face's is
 //! `[out, in]`: importers transpose.
 //!
+//! Training runs [`Qwen2ForCausalLM::forward`] over whole sequences; decoding runs
+//! [`Qwen2ForCausalLM::forward_cached`] over the new tokens only, with the keys and values of
+//! the earlier ones in an explicit [`KvCache`]. Both share the same layer code.
+//!
 //! Reference: Qwen2 technical report (arXiv:2407.10671) and `modeling_qwen2.py` in
 //! `transformers`.
 
@@ -15,6 +19,7 @@ use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::activation::{silu, softmax};
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -517,9 +522,52 @@ impl<B: Backend> Attention<B> {
     ///   -inf above the diagonal, a large negative number on padding keys
     /// - returns `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<B, 3>, rope: &Rope<B>, bias: &Tensor<B, 4>) -> Tensor<B, 3> {
+        let (q, k, v) = self.qkv(x, rope);
+        self.attend(q, k, v, Some(bias))
+    }
+
+    /// Attention of the new tokens `x` over the cached ones and themselves; appends their
+    /// keys and values to `kv`.
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]`, the new tokens
+    /// - rope: cos and sin at the new tokens' absolute positions, each `[seq, head_dim]`
+    /// - bias: `[1, 1, groups * seq, past + seq]` (see [`Attention::forward`]), or `None`
+    ///   when every query sees every key (a single new token)
+    /// - kv: keys and values `[batch, kv_heads, past, head_dim]`, `None` when `past` is 0;
+    ///   `[batch, kv_heads, past + seq, head_dim]` on return
+    /// - returns `[batch, seq, hidden]`
+    pub fn forward_cached(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &Rope<B>,
+        bias: Option<&Tensor<B, 4>>,
+        kv: &mut Option<LayerKv<B>>,
+    ) -> Tensor<B, 3> {
+        let (q, k, v) = self.qkv(x, rope);
+        let (k, v) = match kv.take() {
+            Some(past) => (
+                Tensor::cat(vec![past.keys, k], 2),   // [b, kvh, past+t, d]
+                Tensor::cat(vec![past.values, v], 2), // [b, kvh, past+t, d]
+            ),
+            None => (k, v),
+        };
+        *kv = Some(LayerKv {
+            keys: k.clone(),
+            values: v.clone(),
+        });
+        self.attend(q, k, v, bias)
+    }
+
+    /// Query, key and value heads, RoPE applied to queries and keys.
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]`
+    /// - rope: cos and sin, each `[seq, head_dim]`
+    /// - returns q `[batch, heads, seq, head_dim]`, k and v `[batch, kv_heads, seq, head_dim]`
+    fn qkv(&self, x: Tensor<B, 3>, rope: &Rope<B>) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
         let [b, t, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let g = h / kvh;
         // RoPE is applied in the projections' own [b, t, heads, d] layout, where the tensors
         // are contiguous, before moving heads in front of the sequence.
         let q = rope
@@ -533,12 +581,35 @@ impl<B: Backend> Attention<B> {
             .forward(x)
             .reshape([b, t, kvh, d])
             .swap_dims(1, 2); // [b, kvh, t, d]
+        (q, k, v)
+    }
+
+    /// Scaled dot-product attention of `t` queries over `s` keys, then the output projection.
+    ///
+    /// # Shapes
+    /// - q: `[batch, heads, t, head_dim]`
+    /// - k, v: `[batch, kv_heads, s, head_dim]`
+    /// - bias: `[1 or batch, 1, groups * t, s]`; `None` adds nothing
+    /// - returns `[batch, t, hidden]`
+    fn attend(
+        &self,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        bias: Option<&Tensor<B, 4>>,
+    ) -> Tensor<B, 3> {
+        let [b, _, t, _] = q.dims();
+        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let g = h / kvh;
         // Query head `i` uses key/value head `i / g` (Hugging Face's `repeat_kv`): fold the
         // `g` query heads of a group into the sequence axis instead of copying K and V.
         let q = q.reshape([b, kvh, g * t, d]); // [b, kvh, g*t, d]
         let scale = 1.0 / (d as f64).sqrt();
-        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale); // [b, kvh, g*t, t]
-        let scores = scores.add(bias.clone());
+        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale); // [b, kvh, g*t, s]
+        let scores = match bias {
+            Some(bias) => scores.add(bias.clone()),
+            None => scores,
+        };
         let probs = softmax(scores, 3);
         let out = probs.matmul(v); // [b, kvh, g*t, d]
         let out = out
@@ -586,10 +657,34 @@ impl<B: Backend> DecoderLayer<B> {
     /// # Shapes
     /// - x: `[batch, seq, hidden]` -> `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<B, 3>, rope: &Rope<B>, bias: &Tensor<B, 4>) -> Tensor<B, 3> {
-        let h = x.clone()
-            + self
-                .self_attn
-                .forward(self.input_layernorm.forward(x), rope, bias);
+        self.residual(x, |x| self.self_attn.forward(x, rope, bias))
+    }
+
+    /// The layer over new tokens only, attending to the cached ones too (see
+    /// [`Attention::forward_cached`]).
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]` -> `[batch, seq, hidden]`
+    pub fn forward_cached(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &Rope<B>,
+        bias: Option<&Tensor<B, 4>>,
+        kv: &mut Option<LayerKv<B>>,
+    ) -> Tensor<B, 3> {
+        self.residual(x, |x| self.self_attn.forward_cached(x, rope, bias, kv))
+    }
+
+    /// The two pre-norm residual blocks around `attn`.
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]` -> `[batch, seq, hidden]`
+    fn residual(
+        &self,
+        x: Tensor<B, 3>,
+        attn: impl FnOnce(Tensor<B, 3>) -> Tensor<B, 3>,
+    ) -> Tensor<B, 3> {
+        let h = x.clone() + attn(self.input_layernorm.forward(x));
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
@@ -651,7 +746,7 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
         let first = &self.model.layers[0].self_attn;
         let g = first.num_heads / first.num_kv_heads;
         let rope = Rope::new(t, first.head_dim, self.config.rope_theta, &device);
-        let mut bias = causal_bias::<B>(t, g, &device).unsqueeze::<4>(); // [1, 1, g*t, t]
+        let mut bias = causal_bias::<B>(0, t, g, &device).unsqueeze::<4>(); // [1, 1, g*t, t]
         if let Some(pad) = padding {
             // A large finite value, not -inf: a padding query whose every key is masked
             // must still get a finite softmax, or its NaN would leak through `0 * NaN`.
@@ -662,6 +757,72 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
         for layer in &self.model.layers {
             x = layer.forward(x, &rope, &bias);
         }
+        self.logits(x)
+    }
+
+    /// An empty cache for [`Qwen2ForCausalLM::forward_cached`].
+    pub fn new_cache(&self) -> KvCache<B> {
+        KvCache::new(self.model.layers.len())
+    }
+
+    /// Logits of new tokens given the keys and values of the earlier ones, for decoding.
+    ///
+    /// The new tokens take positions `cache.len()..cache.len() + seq` (RoPE at those
+    /// absolute positions); each attends to every cached token and causally to the new ones.
+    /// Their keys and values are appended to `cache`. Run the whole prompt in one call, then
+    /// one call per generated token: the logits equal [`Qwen2ForCausalLM::forward`]'s over
+    /// the whole sequence up to float rounding. Every row of the batch shares the positions
+    /// (no padding).
+    ///
+    /// # Shapes
+    /// - input_ids: `[batch, seq]`, `seq >= 1`
+    /// - cache: keys and values `[batch, kv_heads, cache.len(), head_dim]` per layer
+    /// - returns `[batch, seq, vocab]`
+    ///
+    /// # Panics
+    /// If `seq` is 0, or `cache` was made for another model or batch size.
+    pub fn forward_cached(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        cache: &mut KvCache<B>,
+    ) -> Tensor<B, 3> {
+        let device = input_ids.device();
+        let [b, t] = input_ids.dims();
+        assert!(t > 0, "forward_cached needs at least one new token");
+        assert_eq!(
+            cache.layers.len(),
+            self.model.layers.len(),
+            "the cache was made for a model with another number of layers"
+        );
+        if let Some(kv) = cache.layers.first().and_then(Option::as_ref) {
+            assert_eq!(kv.keys.dims()[0], b, "the cache holds another batch size");
+        }
+        let past = cache.len;
+        let first = &self.model.layers[0].self_attn;
+        let g = first.num_heads / first.num_kv_heads;
+        let rope = Rope::at(
+            past..past + t,
+            first.head_dim,
+            self.config.rope_theta,
+            &device,
+        );
+        // A single new token sees every cached key and itself: nothing to mask.
+        let bias = (t > 1).then(|| {
+            causal_bias::<B>(past, t, g, &device).unsqueeze::<4>() // [1, 1, g*t, past+t]
+        });
+        let mut x = self.model.embed_tokens.forward(input_ids); // [b, t, hidden]
+        for (layer, kv) in self.model.layers.iter().zip(&mut cache.layers) {
+            x = layer.forward_cached(x, &rope, bias.as_ref(), kv);
+        }
+        cache.len += t;
+        self.logits(x)
+    }
+
+    /// Final norm and output head.
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]` -> `[batch, seq, vocab]`
+    fn logits(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let x = self.model.norm.forward(x);
         match &self.lm_head {
             Some(head) => head.forward(x),
@@ -673,7 +834,53 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
     }
 }
 
-/// Rotate-half rotary embedding tables for one sequence length.
+/// Keys and values of the tokens a [`Qwen2ForCausalLM`] has decoded so far: the explicit
+/// state of [`Qwen2ForCausalLM::forward_cached`], never part of the module.
+///
+/// One cache serves one model and one batch of sequences that advance together.
+#[derive(Debug, Clone)]
+pub struct KvCache<B: Backend> {
+    /// Per layer; `None` until the first call.
+    layers: Vec<Option<LayerKv<B>>>,
+    /// Tokens cached per sequence.
+    len: usize,
+}
+
+/// One layer's cached keys and values.
+#[derive(Debug, Clone)]
+pub struct LayerKv<B: Backend> {
+    /// `[batch, kv_heads, len, head_dim]`, RoPE already applied.
+    pub keys: Tensor<B, 4>,
+    /// `[batch, kv_heads, len, head_dim]`.
+    pub values: Tensor<B, 4>,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// An empty cache for a model with `num_layers` decoder layers.
+    pub fn new(num_layers: usize) -> Self {
+        Self {
+            layers: (0..num_layers).map(|_| None).collect(),
+            len: 0,
+        }
+    }
+
+    /// Tokens cached per sequence: the position of the next token.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Keys and values of layer `i`; `None` while the cache is empty.
+    pub fn layer(&self, i: usize) -> Option<&LayerKv<B>> {
+        self.layers.get(i).and_then(Option::as_ref)
+    }
+}
+
+/// Rotate-half rotary embedding tables for a range of positions.
 #[derive(Debug, Clone)]
 pub struct Rope<B: Backend> {
     cos: Tensor<B, 2>,
@@ -681,12 +888,18 @@ pub struct Rope<B: Backend> {
 }
 
 impl<B: Backend> Rope<B> {
-    /// Tables for positions `0..seq`, computed in f64 on the host then stored as f32.
+    /// Tables for positions `0..seq`.
     pub fn new(seq: usize, head_dim: usize, theta: f64, device: &B::Device) -> Self {
+        Self::at(0..seq, head_dim, theta, device)
+    }
+
+    /// Tables for the absolute `positions`, computed on the host then stored as f32.
+    pub fn at(positions: Range<usize>, head_dim: usize, theta: f64, device: &B::Device) -> Self {
         let half = head_dim / 2;
+        let seq = positions.len();
         let mut cos = Vec::with_capacity(seq * head_dim);
         let mut sin = Vec::with_capacity(seq * head_dim);
-        for pos in 0..seq {
+        for pos in positions {
             for j in 0..head_dim {
                 let i = j % half;
                 let inv_freq = 1.0 / theta.powf((2 * i) as f64 / head_dim as f64);
@@ -718,17 +931,119 @@ impl<B: Backend> Rope<B> {
     }
 }
 
-/// Additive causal mask for `groups` query heads folded into the sequence axis.
+/// Additive causal mask of `seq` new queries after `past` cached keys, for `groups` query
+/// heads folded into the sequence axis.
 ///
 /// # Shapes
-/// - returns `[groups * seq, seq]`: row `r` is query position `r % seq`
-fn causal_bias<B: Backend>(seq: usize, groups: usize, device: &B::Device) -> Tensor<B, 2> {
-    let mut bias = vec![0.0f32; groups * seq * seq];
+/// - returns `[groups * seq, past + seq]`: row `r` is query position `past + r % seq`, which
+///   sees keys `0..=past + r % seq`
+fn causal_bias<B: Backend>(
+    past: usize,
+    seq: usize,
+    groups: usize,
+    device: &B::Device,
+) -> Tensor<B, 2> {
+    let keys = past + seq;
+    let mut bias = vec![0.0f32; groups * seq * keys];
     for r in 0..groups * seq {
-        let pos = r % seq;
-        for c in pos + 1..seq {
-            bias[r * seq + c] = f32::NEG_INFINITY;
+        let pos = past + r % seq;
+        for c in pos + 1..keys {
+            bias[r * keys + c] = f32::NEG_INFINITY;
         }
     }
-    Tensor::from_data(TensorData::new(bias, [groups * seq, seq]), device)
+    Tensor::from_data(TensorData::new(bias, [groups * seq, keys]), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Flex, NdArray};
+
+    /// A tiny GQA model (2 query heads per key/value head) with weights large enough that
+    /// attention is far from uniform.
+    fn tiny<B: Backend>(device: &B::Device) -> Qwen2ForCausalLM<B> {
+        Qwen2Config {
+            vocab_size: 37,
+            hidden_size: 16,
+            intermediate_size: 24,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            max_position_embeddings: 64,
+            rope_theta: 10_000.0,
+            rms_norm_eps: 1e-6,
+            tie_word_embeddings: false,
+            initializer_range: 0.3,
+        }
+        .init(&Init::new(5), device)
+    }
+
+    fn ids<B: Backend>(rows: &[&[i64]], device: &B::Device) -> Tensor<B, 2, Int> {
+        let t = rows[0].len();
+        let flat: Vec<i64> = rows.iter().flat_map(|r| r.iter().copied()).collect();
+        Tensor::from_data(TensorData::new(flat, [rows.len(), t]), device)
+    }
+
+    fn values<B: Backend>(t: Tensor<B, 3>) -> Vec<f32> {
+        t.into_data().convert::<f32>().into_vec::<f32>().unwrap()
+    }
+
+    /// The prompt in one call, then one token per call, then two tokens in one call (a
+    /// causal mask with an offset) give the logits of one full forward pass.
+    fn cached_matches_full<B: Backend>() {
+        let device = Default::default();
+        let model = tiny::<B>(&device);
+        let rows: [&[i64]; 2] = [
+            &[3, 17, 5, 30, 2, 8, 11, 36, 0],
+            &[9, 9, 21, 4, 33, 1, 7, 12, 25],
+        ];
+        let full = model.forward(ids::<B>(&rows, &device)); // [2, 9, vocab]
+        let mut cache = model.new_cache();
+        let mut pieces = Vec::new();
+        for range in [0..5, 5..6, 6..7, 7..9] {
+            let chunk: Vec<&[i64]> = rows.iter().map(|r| &r[range.clone()]).collect();
+            pieces.push(model.forward_cached(ids::<B>(&chunk, &device), &mut cache));
+            assert_eq!(cache.len(), range.end);
+        }
+        let cached = Tensor::cat(pieces, 1);
+        assert_eq!(cached.dims(), full.dims());
+        let (a, b) = (values(full), values(cached));
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        assert!(worst < 1e-5, "cached logits differ by {worst:e}");
+        let kv = cache.layer(1).unwrap();
+        assert_eq!(kv.keys.dims(), [2, 2, 9, 4]);
+        assert_eq!(kv.values.dims(), [2, 2, 9, 4]);
+    }
+
+    #[test]
+    fn cached_decoding_matches_full_forward_on_ndarray() {
+        cached_matches_full::<NdArray>();
+    }
+
+    #[test]
+    fn cached_decoding_matches_full_forward_on_flex() {
+        cached_matches_full::<Flex>();
+    }
+
+    #[test]
+    fn causal_bias_with_cached_keys() {
+        let device = Default::default();
+        let got = causal_bias::<NdArray>(2, 2, 2, &device)
+            .into_data()
+            .into_vec::<f32>()
+            .unwrap();
+        let inf = f32::NEG_INFINITY;
+        #[rustfmt::skip]
+        let want = [
+            0.0, 0.0, 0.0, inf, // group 0, position 2
+            0.0, 0.0, 0.0, 0.0, // group 0, position 3
+            0.0, 0.0, 0.0, inf, // group 1, position 2
+            0.0, 0.0, 0.0, 0.0, // group 1, position 3
+        ];
+        assert_eq!(got, want);
+    }
 }
