@@ -114,6 +114,23 @@ lr = 3e-3
     assert_ok(&inspect);
     let result = run(&["train", recipe.to_str().unwrap()]);
     assert_ok(&result);
+    // The export carries the tokenizer and its chat template.
+    let export = dir.path().join("export");
+    assert_ok(&run(&[
+        "export",
+        dir.path().join("chat").to_str().unwrap(),
+        "--out",
+        export.to_str().unwrap(),
+    ]));
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    ] {
+        assert!(export.join(f).is_file(), "export lacks {f}");
+    }
     let rows = metrics(&dir.path().join("chat"));
     let last = rows.iter().rfind(|r| r["kind"] == "train").unwrap();
     let tokens = last["tokens"].as_u64().unwrap();

@@ -17,21 +17,24 @@ pub trait Job {
 
 /// Runs `job` on the recipe's backend and device.
 pub fn dispatch<J: Job>(recipe: &Recipe, job: J) -> Result<J::Output> {
-    match recipe.run.backend {
+    dispatch_on(recipe.run.backend, &recipe.run.device, job)
+}
+
+/// Runs `job` on a backend and device (`cpu`, `cuda`, `cuda:N`).
+pub fn dispatch_on<J: Job>(backend: BackendKind, device: &str, job: J) -> Result<J::Output> {
+    match backend {
         BackendKind::Flex => job.run::<Autodiff<Flex>>(burn::backend::flex::FlexDevice),
         BackendKind::Ndarray => {
             job.run::<Autodiff<NdArray>>(burn::backend::ndarray::NdArrayDevice::Cpu)
         }
-        BackendKind::Cuda => run_cuda(recipe, job),
+        BackendKind::Cuda => run_cuda(device, job),
     }
 }
 
 #[cfg(feature = "cuda")]
-fn run_cuda<J: Job>(recipe: &Recipe, job: J) -> Result<J::Output> {
+fn run_cuda<J: Job>(device: &str, job: J) -> Result<J::Output> {
     probe_libcuda()?;
-    let index = recipe
-        .run
-        .device
+    let index = device
         .strip_prefix("cuda:")
         .and_then(|n| n.parse::<usize>().ok())
         .unwrap_or(0);
@@ -39,7 +42,7 @@ fn run_cuda<J: Job>(recipe: &Recipe, job: J) -> Result<J::Output> {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn run_cuda<J: Job>(_recipe: &Recipe, _job: J) -> Result<J::Output> {
+fn run_cuda<J: Job>(_device: &str, _job: J) -> Result<J::Output> {
     bail!(
         "run.backend = \"cuda\", but this kiln was built without CUDA support: rebuild with \
          `cargo build --release --features cuda`, or set `--set run.backend=flex --set run.device=cpu`"

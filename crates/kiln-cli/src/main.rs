@@ -1,6 +1,7 @@
 //! `kiln`: train language models from declarative TOML recipes.
 
 mod backend;
+mod generate;
 mod inspect;
 mod progress;
 
@@ -128,6 +129,47 @@ enum Command {
         /// Split the weights into shards no larger than this (e.g. `5GB`, `500MB`).
         #[arg(long, default_value = "5GB", value_name = "SIZE")]
         max_shard_size: String,
+    },
+    /// Generate text from a run's checkpoint or a Hugging Face model directory (KV cache;
+    /// greedy by default, sampled with --temperature).
+    Generate {
+        /// A run directory or a Hugging Face model directory (config.json + safetensors).
+        target: PathBuf,
+        /// The prompt (with --chat: the user message).
+        #[arg(long)]
+        prompt: String,
+        /// Wrap the prompt in the Qwen2.5 chat template and stop at <|im_end|>.
+        #[arg(long)]
+        chat: bool,
+        /// System message for --chat.
+        #[arg(long)]
+        system: Option<String>,
+        /// JSON file with an array of tool definitions (implies --chat); prints the reply
+        /// and its parsed tool calls as JSON.
+        #[arg(long, value_name = "FILE")]
+        tools: Option<PathBuf>,
+        /// Most new tokens.
+        #[arg(long, default_value_t = 128, value_name = "N")]
+        max_new_tokens: usize,
+        /// Sampling temperature (0: greedy).
+        #[arg(long, default_value_t = 0.0, value_name = "T")]
+        temperature: f64,
+        /// Nucleus sampling threshold in (0, 1].
+        #[arg(long, default_value_t = 1.0, value_name = "P")]
+        top_p: f64,
+        /// Seed of the sampler.
+        #[arg(long, default_value_t = 0, value_name = "S")]
+        seed: u64,
+        /// For a run directory: which checkpoint (`step-N`, `N` or `latest`).
+        #[arg(long, default_value = "latest", value_name = "step-N")]
+        checkpoint: String,
+        /// A tokenizer.json to use instead of the target's (a model directory without one
+        /// uses the byte tokenizer).
+        #[arg(long, value_name = "FILE")]
+        tokenizer: Option<PathBuf>,
+        /// Backend (default: the run's, or flex for a model directory).
+        #[arg(long, value_parser = parse_backend)]
+        backend: Option<kiln_recipe::BackendKind>,
     },
     /// Tokenizer tools.
     Tokenizer {
@@ -278,7 +320,35 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let model = kiln_models::Model::<burn::backend::Flex>::with_weights(
                 &recipe, ckpt.model, &device,
             )?;
-            let files = model.export_hf(&out, max_shard)?;
+            let mut files = model.export_hf(&out, max_shard)?;
+            // A run with a Hugging Face tokenizer ships it beside the weights.
+            if let (kiln_recipe::TokenizerKind::Hf, Some(path)) =
+                (recipe.tokenizer.kind, &recipe.tokenizer.path)
+            {
+                let path = Path::new(path);
+                let dir = if path.is_dir() {
+                    path
+                } else {
+                    path.parent().unwrap_or(Path::new("."))
+                };
+                let json = if path.is_dir() {
+                    path.join("tokenizer.json")
+                } else {
+                    path.to_path_buf()
+                };
+                for (src, name) in [
+                    (json, "tokenizer.json"),
+                    (dir.join("tokenizer_config.json"), "tokenizer_config.json"),
+                    (dir.join("chat_template.jinja"), "chat_template.jinja"),
+                ] {
+                    if src.is_file() {
+                        let dst = out.join(name);
+                        std::fs::copy(&src, &dst)
+                            .with_context(|| format!("copying `{}`", src.display()))?;
+                        files.push(dst);
+                    }
+                }
+            }
             eprintln!(
                 "exported step {step} of {} to {}:",
                 run_dir.display(),
@@ -287,6 +357,39 @@ fn run(cli: Cli) -> Result<ExitCode> {
             for f in files {
                 println!("{}", f.display());
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Generate {
+            target,
+            prompt,
+            chat,
+            system,
+            tools,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+            checkpoint,
+            tokenizer,
+            backend,
+        } => {
+            generate::run(generate::Request {
+                target,
+                checkpoint,
+                prompt,
+                chat,
+                system,
+                tools,
+                tokenizer,
+                backend,
+                options: kiln_models::generate::GenerateOptions {
+                    max_new_tokens,
+                    temperature,
+                    top_p,
+                    seed,
+                    stop_ids: Vec::new(),
+                },
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Tokenizer {
@@ -352,6 +455,15 @@ fn parse_size(text: &str) -> Result<u64> {
         bail!("`{text}`: size must be positive");
     }
     Ok((value * scale) as u64)
+}
+
+fn parse_backend(text: &str) -> Result<kiln_recipe::BackendKind, String> {
+    match text {
+        "flex" => Ok(kiln_recipe::BackendKind::Flex),
+        "ndarray" => Ok(kiln_recipe::BackendKind::Ndarray),
+        "cuda" => Ok(kiln_recipe::BackendKind::Cuda),
+        other => Err(format!("unknown backend `{other}` (flex, ndarray or cuda)")),
+    }
 }
 
 /// A path as a TOML string literal (for `--out`).
