@@ -11,6 +11,7 @@
 pub mod generate;
 pub mod hf;
 pub mod init;
+pub mod nf4;
 pub mod qwen2;
 
 use std::collections::BTreeMap;
