@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 /// The repository root (tests run with relative data paths from there).
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    manifest_dir()
         .parent()
         .expect("tests/ has a parent")
         .to_path_buf()
@@ -194,4 +194,12 @@ pub fn tiny_train_args<'a>(out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     args.extend_from_slice(TINY);
     args.extend_from_slice(extra);
     args
+}
+
+/// The package directory: cargo's run-time `CARGO_MANIFEST_DIR` (right even when the
+/// build directory is shared by checkouts at other paths), else the compile-time one.
+fn manifest_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }

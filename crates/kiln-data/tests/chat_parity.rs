@@ -3,13 +3,13 @@
 //! byte-level BPE tokenizer. Regenerate the fixtures with
 //! `.venv/bin/python scripts/make_chat_fixtures.py` (see its header).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use kiln_data::{HfTokenizer, Tokenizer, read_documents, tokenize_document};
 use kiln_recipe::{Source, SourceFormat, TextSplit};
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/chat")
+    manifest_dir().join("../../tests/fixtures/chat")
 }
 
 fn chat_source() -> Source {
@@ -103,4 +103,12 @@ fn only_assistant_turns_and_their_im_end_are_trained() {
             "the appended end-of-text is not trained"
         );
     }
+}
+
+/// The package directory: cargo's run-time `CARGO_MANIFEST_DIR` (right even when the
+/// build directory is shared by checkouts at other paths), else the compile-time one.
+fn manifest_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }

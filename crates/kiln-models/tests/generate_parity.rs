@@ -12,7 +12,7 @@
 //! whether the first differing step is a genuine near-tie (kiln's logits for the two
 //! candidates within 1e-5) or a real bug.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use burn::backend::{Flex, NdArray};
 use burn::prelude::*;
@@ -20,9 +20,7 @@ use burn::prelude::*;
 use kiln_models::{GenerateOptions, Model, generate};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/qwen2")
-        .join(name)
+    manifest_dir().join("../../tests/fixtures/qwen2").join(name)
 }
 
 fn ids(v: &serde_json::Value) -> Vec<u32> {
@@ -115,4 +113,12 @@ fn greedy_generation_matches_transformers_on_ndarray() {
 #[test]
 fn greedy_generation_matches_transformers_on_flex() {
     all::<Flex>();
+}
+
+/// The package directory: cargo's run-time `CARGO_MANIFEST_DIR` (right even when the
+/// build directory is shared by checkouts at other paths), else the compile-time one.
+fn manifest_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }

@@ -10,8 +10,6 @@
 //! nearer one. The test checks that every such difference is of that kind, that they are
 //! rare, and what they cost in the dequantized weights.
 
-use std::path::Path;
-
 use kiln_models::nf4::{Nf4Tensor, dynamic_map};
 
 struct Fixture(Vec<u8>);
@@ -19,11 +17,7 @@ struct Fixture(Vec<u8>);
 impl Fixture {
     fn load() -> Self {
         Self(
-            std::fs::read(
-                Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .join("../../tests/fixtures/nf4/nf4.safetensors"),
-            )
-            .unwrap(),
+            std::fs::read(manifest_dir().join("../../tests/fixtures/nf4/nf4.safetensors")).unwrap(),
         )
     }
 
@@ -152,4 +146,12 @@ fn codes_absmax_and_dequantized_weights_match_bitsandbytes() {
             absmax_codes.len()
         );
     }
+}
+
+/// The package directory: cargo's run-time `CARGO_MANIFEST_DIR` (right even when the
+/// build directory is shared by checkouts at other paths), else the compile-time one.
+fn manifest_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }

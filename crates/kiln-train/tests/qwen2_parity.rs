@@ -24,9 +24,7 @@ use kiln_train::loss::{input_tensor, masked_nll};
 use kiln_train::optim::GradAccumulator;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/qwen2")
-        .join(name)
+    manifest_dir().join("../../tests/fixtures/qwen2").join(name)
 }
 
 /// `expected.safetensors` as (shape, f64 values), whatever the stored dtype.
@@ -215,4 +213,12 @@ fn transformers_reads_kiln_exports_exactly() {
     let diff = max_abs_diff(&got, &want);
     eprintln!("roundtrip: kiln vs transformers logits max abs diff {diff:.2e}");
     assert!(diff < 1e-5, "logits differ by {diff:e}");
+}
+
+/// The package directory: cargo's run-time `CARGO_MANIFEST_DIR` (right even when the
+/// build directory is shared by checkouts at other paths), else the compile-time one.
+fn manifest_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
