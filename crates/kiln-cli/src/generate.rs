@@ -194,7 +194,7 @@ impl Job for GenerateJob<'_> {
         let model: Model<B::InnerBackend> = match self.source {
             Source::Run { recipe, dir } => {
                 let ckpt = find_checkpoint(dir, self.checkpoint)?;
-                Model::with_weights(recipe, ckpt.model, &device)?
+                Model::restore(recipe, ckpt.model, &device)?
             }
             Source::Hf(dir) => Model::from_hf_dir(dir, &device)?,
         };

@@ -312,6 +312,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let run = RunDir::open(&run_dir)?;
             let recipe = run.load_recipe(&[])?.recipe;
+            if recipe.adapter.is_some() {
+                bail!(
+                    "`{}` is an adapter run: PEFT (`--format peft`) and merged exports of adapters are not implemented yet",
+                    run_dir.display()
+                );
+            }
             let ckpt = find_checkpoint(&run_dir, &checkpoint)?;
             let max_shard = parse_size(&max_shard_size)?;
             let step = ckpt.state.step;

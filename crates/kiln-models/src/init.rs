@@ -47,6 +47,22 @@ impl Init {
         Param::from_tensor(Tensor::from_data(TensorData::new(values, shape), device))
     }
 
+    /// A `U(-bound, bound)` tensor named `name`.
+    pub fn uniform<B: Backend, const D: usize>(
+        &self,
+        name: &str,
+        shape: [usize; D],
+        bound: f64,
+        device: &B::Device,
+    ) -> Tensor<B, D> {
+        let n: usize = shape.iter().product();
+        let mut rng = self.rng(name);
+        let values: Vec<f32> = (0..n)
+            .map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32)
+            .collect();
+        Tensor::from_data(TensorData::new(values, shape), device)
+    }
+
     /// A linear layer `[d_in, d_out]` named `prefix` (`prefix.weight`, `prefix.bias`):
     /// normal weights, zero bias, as Hugging Face's `_init_weights`.
     pub fn linear<B: Backend>(

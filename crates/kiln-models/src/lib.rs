@@ -11,6 +11,7 @@
 pub mod generate;
 pub mod hf;
 pub mod init;
+pub mod lora;
 pub mod nf4;
 pub mod qwen2;
 
@@ -20,7 +21,7 @@ use std::path::Path;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::prelude::*;
 
-use kiln_recipe::{InitKind, ModelFamily, Recipe};
+use kiln_recipe::{AdapterKind, AdapterSection, InitKind, ModelFamily, Recipe};
 
 pub use generate::{GenerateError, GenerateOptions, Generation, generate};
 pub use init::Init;
@@ -123,6 +124,92 @@ impl<B: Backend> Model<B> {
             ModelSpec::Qwen2(cfg) => Self::Qwen2(cfg.init(&init, device)),
         };
         load_named(model, tensors, device)
+    }
+
+    /// Attaches LoRA adapters to the recipe's target projections and freezes every other
+    /// parameter; `qlora` also quantizes the targeted base weights to NF4. `A` is drawn
+    /// from `seed` by parameter name (kaiming-uniform with a = sqrt(5), as PEFT), `B` is zero.
+    pub fn with_adapter(self, adapter: &AdapterSection, seed: u64, device: &B::Device) -> Self {
+        let init = Init::new(seed);
+        let scale = if adapter.rslora {
+            adapter.alpha / (adapter.rank as f64).sqrt()
+        } else {
+            adapter.alpha / adapter.rank as f64
+        };
+        let spec = lora::LoraSpec {
+            rank: adapter.rank,
+            scale,
+            dropout: adapter.dropout,
+            nf4: adapter.kind == AdapterKind::Qlora,
+        };
+        let targets: Vec<&str> = adapter.targets.iter().map(String::as_str).collect();
+        let attach = |p: lora::Proj<B>, name: String| -> lora::Proj<B> {
+            let target = name.rsplit('.').next().unwrap_or_default();
+            if !targets.contains(&target) {
+                return p;
+            }
+            let [inp, _] = p.dims();
+            let bound = 1.0 / (inp as f64).sqrt();
+            let a = init.uniform(
+                &format!("{name}.lora_A.weight"),
+                [inp, spec.rank],
+                bound,
+                device,
+            );
+            p.with_lora(spec, a, device)
+        };
+        let model = match self {
+            Self::Qwen2(mut m) => {
+                let layers = std::mem::take(&mut m.model.layers);
+                m.model.layers = layers
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, mut l)| {
+                        let p = format!("model.layers.{i}");
+                        let a = l.self_attn;
+                        l.self_attn = qwen2::Attention {
+                            q_proj: attach(a.q_proj, format!("{p}.self_attn.q_proj")),
+                            k_proj: attach(a.k_proj, format!("{p}.self_attn.k_proj")),
+                            v_proj: attach(a.v_proj, format!("{p}.self_attn.v_proj")),
+                            o_proj: attach(a.o_proj, format!("{p}.self_attn.o_proj")),
+                            ..a
+                        };
+                        let f = l.mlp;
+                        l.mlp = qwen2::Mlp {
+                            gate_proj: attach(f.gate_proj, format!("{p}.mlp.gate_proj")),
+                            up_proj: attach(f.up_proj, format!("{p}.mlp.up_proj")),
+                            down_proj: attach(f.down_proj, format!("{p}.mlp.down_proj")),
+                        };
+                        l
+                    })
+                    .collect();
+                Self::Qwen2(m)
+            }
+        };
+        model.map(&mut Freeze::default())
+    }
+
+    /// The model a recipe trains: [`Model::from_recipe`], with the `[adapter]` attached.
+    pub fn for_training(recipe: &Recipe, device: &B::Device) -> Result<Self, ModelError> {
+        let model = Self::from_recipe(recipe, device)?;
+        Ok(match &recipe.adapter {
+            Some(a) => model.with_adapter(a, recipe.run.seed, device),
+            None => model,
+        })
+    }
+
+    /// The model of a checkpoint: for an adapter run, the base (from `hf_dir` or the seed)
+    /// with the checkpoint's adapters; otherwise the checkpoint's full weights.
+    pub fn restore(
+        recipe: &Recipe,
+        tensors: BTreeMap<String, NamedTensor>,
+        device: &B::Device,
+    ) -> Result<Self, ModelError> {
+        if recipe.adapter.is_none() {
+            return Self::with_weights(recipe, tensors, device);
+        }
+        let model = Self::for_training(recipe, device)?;
+        load_named_subset(model, tensors, device)
     }
 
     /// Loads a Hugging Face Qwen2 directory (`config.json` + safetensors).
@@ -258,6 +345,53 @@ pub fn decays(name: &str, rank: usize) -> bool {
     rank >= 2 && !name.contains("norm")
 }
 
+/// Freezes every parameter that is not part of a LoRA adapter.
+#[derive(Default)]
+struct Freeze {
+    path: PathStack,
+}
+
+impl<B: Backend> ModuleMapper<B> for Freeze {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.enter(name, container_type);
+    }
+
+    fn exit_module(&mut self, name: &str, container_type: &str) {
+        self.path.exit(name, container_type);
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        if self.path.path().contains(".lora_") {
+            param
+        } else {
+            param.set_require_grad(false)
+        }
+    }
+}
+
+/// The parameters that train (require gradients), by checkpoint name.
+pub fn trainable_params<B: Backend, M: Module<B>>(module: &M) -> BTreeMap<String, NamedTensor> {
+    struct Trainable(PathStack, Vec<String>);
+    impl<B: Backend> ModuleVisitor<B> for Trainable {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.0.enter(name, container_type);
+        }
+        fn exit_module(&mut self, name: &str, container_type: &str) {
+            self.0.exit(name, container_type);
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if param.is_require_grad() {
+                self.1.push(self.0.path());
+            }
+        }
+    }
+    let mut t = Trainable(PathStack::default(), Vec::new());
+    module.visit(&mut t);
+    let mut all = named_params(module);
+    all.retain(|k, _| t.1.contains(k));
+    all
+}
+
 /// A parameter's values, host side.
 #[derive(Debug, Clone)]
 pub struct NamedTensor {
@@ -386,6 +520,36 @@ impl<B: Backend> ModuleMapper<B> for Load<'_, B> {
         }
         Param::from_mapped_value(id, new, mapper)
     }
+}
+
+/// Replaces the parameters named in `tensors` (e.g. a checkpoint's adapters), keeping the
+/// others; fails on a tensor that matches no parameter or has the wrong shape.
+pub fn load_named_subset<B: Backend, M: Module<B>>(
+    module: M,
+    mut tensors: BTreeMap<String, NamedTensor>,
+    device: &B::Device,
+) -> Result<M, ModelError> {
+    let mut load = Load::<B> {
+        path: PathStack::default(),
+        tensors: &mut tensors,
+        device: device.clone(),
+        missing: Vec::new(),
+        mismatched: Vec::new(),
+    };
+    let module = module.map(&mut load);
+    let mismatched = load.mismatched;
+    let unused: Vec<String> = tensors.into_keys().collect();
+    if mismatched.is_empty() && unused.is_empty() {
+        return Ok(module);
+    }
+    let mut msg = String::from("weights do not match the model:");
+    for m in &mismatched {
+        msg.push_str(&format!("\n  shape mismatch: {m}"));
+    }
+    if !unused.is_empty() {
+        msg.push_str(&format!("\n  unused: {}", unused.join(", ")));
+    }
+    Err(ModelError::Load(msg))
 }
 
 /// Replaces every float parameter by the tensor of the same name.

@@ -32,6 +32,55 @@ pub struct Recipe {
     /// Loop settings: accumulation, clipping, checkpoints, evaluation.
     #[serde(default)]
     pub train: TrainSection,
+    /// Parameter-efficient fine-tuning: LoRA adapters on a frozen (optionally NF4) base.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<AdapterSection>,
+}
+
+/// `[adapter]`: LoRA (PEFT semantics) on a frozen base.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterSection {
+    /// `lora` (f32 frozen base) or `qlora` (NF4 double-quantized frozen base).
+    pub kind: AdapterKind,
+    /// Rank r of each adapter.
+    pub rank: usize,
+    /// Scale numerator: the update is `B(A(x)) * alpha / r` (`alpha / sqrt(r)` with rslora).
+    pub alpha: f64,
+    /// Dropout on the adapter input, in training only.
+    #[serde(default)]
+    pub dropout: f64,
+    /// Projections that get adapters (default: all seven).
+    #[serde(default = "default_targets")]
+    pub targets: Vec<String>,
+    /// Rank-stabilized LoRA scaling `alpha / sqrt(r)`.
+    #[serde(default)]
+    pub rslora: bool,
+}
+
+/// The projections LoRA can target.
+pub const LORA_TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+fn default_targets() -> Vec<String> {
+    LORA_TARGETS.iter().map(|s| s.to_string()).collect()
+}
+
+/// Adapter kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdapterKind {
+    /// LoRA on an f32 frozen base.
+    Lora,
+    /// LoRA on an NF4 double-quantized frozen base.
+    Qlora,
 }
 
 /// `[run]`: identity and placement of a run.

@@ -38,6 +38,7 @@ impl Recipe {
         self.validate_data(&mut e);
         self.validate_phases(&mut e);
         self.validate_optim(&mut e);
+        self.validate_adapter(&mut e);
         if e.list.is_empty() {
             Ok(())
         } else {
@@ -306,6 +307,39 @@ impl Recipe {
                 "train.eval_window",
                 format!("{w} exceeds model max_position {max}"),
             );
+        }
+    }
+
+    fn validate_adapter(&self, e: &mut Errors<'_>) {
+        let Some(a) = &self.adapter else {
+            return;
+        };
+        e.check(a.rank > 0, "adapter.rank", "must be at least 1");
+        e.check(
+            a.alpha.is_finite() && a.alpha > 0.0,
+            "adapter.alpha",
+            format!("{} must be positive", a.alpha),
+        );
+        e.check(
+            (0.0..1.0).contains(&a.dropout),
+            "adapter.dropout",
+            format!("{} must be in [0, 1)", a.dropout),
+        );
+        e.check(
+            !a.targets.is_empty(),
+            "adapter.targets",
+            "at least one projection is needed",
+        );
+        for (i, t) in a.targets.iter().enumerate() {
+            if !crate::LORA_TARGETS.contains(&t.as_str()) {
+                e.push(
+                    format!("adapter.targets[{i}]"),
+                    format!(
+                        "unknown projection `{t}` (expected one of {})",
+                        crate::LORA_TARGETS.join(", ")
+                    ),
+                );
+            }
         }
     }
 

@@ -44,6 +44,10 @@ pub struct TrainState {
     pub recipe_hash: String,
     /// kiln version that wrote it.
     pub kiln_version: String,
+    /// For adapter runs: what the frozen base is (its `hf_dir` and a hash of its config and
+    /// safetensors headers, or the seed of a random base). Resume refuses another base.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
     /// SHA-256 of every other file of the checkpoint.
     #[serde(default)]
     pub files: BTreeMap<String, String>,
@@ -62,6 +66,53 @@ pub struct Checkpoint {
     pub optimizer: BTreeMap<String, NamedTensor>,
     /// The resolved recipe text.
     pub recipe_toml: String,
+}
+
+/// The identity of an adapter run's frozen base (`None` without `[adapter]`).
+pub fn base_identity(recipe: &kiln_recipe::Recipe) -> Result<Option<String>, TrainError> {
+    if recipe.adapter.is_none() {
+        return Ok(None);
+    }
+    let hf_dir = recipe.model.qwen2.as_ref().and_then(|q| q.hf_dir.clone());
+    let Some(dir) = hf_dir.filter(|_| {
+        recipe
+            .model
+            .qwen2
+            .as_ref()
+            .is_some_and(|q| q.init_kind() == kiln_recipe::InitKind::Pretrained)
+    }) else {
+        return Ok(Some(format!(
+            "random base from run.seed {}",
+            recipe.run.seed
+        )));
+    };
+    let dir = Path::new(&dir);
+    let mut hasher = Sha256::new();
+    let config = dir.join("config.json");
+    hasher.update(fs::read(&config).map_err(io_err(&config))?);
+    for (path, header) in kiln_models::hf::checkpoint_files(dir)? {
+        hasher.update(
+            path.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        );
+        for (name, info) in header {
+            hasher.update(format!(
+                "{name}:{}:{:?}:{}:{}",
+                info.dtype, info.shape, info.offset, info.len
+            ));
+        }
+    }
+    let digest: String = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok(Some(format!(
+        "`{}` (config and safetensors headers sha256 {})",
+        dir.display(),
+        &digest[..16]
+    )))
 }
 
 /// The name of the checkpoint directory of a step.

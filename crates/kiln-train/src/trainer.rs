@@ -9,7 +9,7 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 
 use kiln_data::{Batch, DataPipeline, Tokenizer};
-use kiln_models::{Model, ModelSpec, NamedTensor, named_params};
+use kiln_models::{Model, ModelSpec, NamedTensor, trainable_params};
 use kiln_recipe::Recipe;
 
 use crate::checkpoint::{Checkpoint, TrainState, write_checkpoint};
@@ -86,7 +86,7 @@ pub fn evaluate_checkpoint<B: Backend>(
 ) -> Result<EvalMetrics, TrainError> {
     let spec = ModelSpec::from_recipe(recipe)?;
     let data = DataPipeline::new(recipe, spec.vocab_size())?;
-    let model = Model::<B>::with_weights(recipe, checkpoint.model, device)?;
+    let model = Model::<B>::restore(recipe, checkpoint.model, device)?;
     let batches = data.eval_batches(recipe.phases[0].batch_size);
     let (loss, count, bpb) = evaluate(&model, &batches, data.tokenizer(), device).ok_or_else(|| {
         TrainError::RunDir("no held-out data to evaluate on (data.eval_holdout is 0, or every source has a single document)".to_string())
@@ -197,11 +197,20 @@ pub fn train<B: AutodiffBackend>(
     let recipe_hash = recipe.hash();
 
     B::seed(device, recipe.run.seed);
+    let base = crate::checkpoint::base_identity(recipe)?;
     let mut optim = AdamW::<B::InnerBackend>::new(&recipe.optim);
     let mut model;
     let mut state = match start {
         Some(ckpt) => {
-            model = Model::<B>::with_weights(recipe, ckpt.model, device)?;
+            if let (Some(saved), Some(now)) = (&ckpt.state.base, &base)
+                && saved != now
+            {
+                return Err(TrainError::Checkpoint(format!(
+                    "the frozen base changed since `{}` was written: it was {saved}, it is now {now}",
+                    ckpt.dir.display()
+                )));
+            }
+            model = Model::<B>::restore(recipe, ckpt.model, device)?;
             restore_optimizer(&mut optim, ckpt.optimizer, ckpt.state.step, device)?;
             data.check_cursor(&ckpt.state.cursor)?;
             observer.event(Event::Info(format!(
@@ -211,12 +220,13 @@ pub fn train<B: AutodiffBackend>(
             )));
             TrainState {
                 recipe_hash: recipe_hash.clone(),
+                base: base.clone(),
                 files: BTreeMap::new(),
                 ..ckpt.state
             }
         }
         None => {
-            model = Model::<B>::from_recipe(recipe, device)?;
+            model = Model::<B>::for_training(recipe, device)?;
             TrainState {
                 step: 0,
                 tokens: 0,
@@ -225,6 +235,7 @@ pub fn train<B: AutodiffBackend>(
                 cursor: data.initial_cursor(recipe.run.seed),
                 recipe_hash: recipe_hash.clone(),
                 kiln_version: env!("CARGO_PKG_VERSION").to_string(),
+                base: base.clone(),
                 files: BTreeMap::new(),
             }
         }
@@ -253,7 +264,8 @@ pub fn train<B: AutodiffBackend>(
         let dir = write_checkpoint(
             run.path(),
             state.clone(),
-            &named_params(model),
+            // Adapter runs save only what trains; the frozen base is recorded by identity.
+            &trainable_params(model),
             &optimizer_tensors(optim),
             &recipe_toml,
             recipe.train.keep_checkpoints,
@@ -306,6 +318,12 @@ pub fn train<B: AutodiffBackend>(
         }
 
         let t0 = Instant::now();
+        // Random ops (adapter dropout) draw from a generator reseeded at every step, so a
+        // resumed run draws exactly what the uninterrupted one did.
+        B::seed(
+            device,
+            recipe.run.seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        );
         let batches: Vec<Batch> = (0..recipe.train.grad_accum)
             .map(|_| data.next_batch(p, &mut state.cursor))
             .collect();

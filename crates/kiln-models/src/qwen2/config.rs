@@ -364,67 +364,53 @@ impl Qwen2Config {
                 let p = format!("model.layers.{i}");
                 DecoderLayer {
                     self_attn: Attention {
-                        q_proj: init.linear(
-                            &format!("{p}.self_attn.q_proj"),
-                            h,
-                            q,
-                            true,
-                            std,
-                            device,
-                        ),
-                        k_proj: init.linear(
-                            &format!("{p}.self_attn.k_proj"),
-                            h,
-                            kv,
-                            true,
-                            std,
-                            device,
-                        ),
-                        v_proj: init.linear(
-                            &format!("{p}.self_attn.v_proj"),
-                            h,
-                            kv,
-                            true,
-                            std,
-                            device,
-                        ),
-                        o_proj: init.linear(
-                            &format!("{p}.self_attn.o_proj"),
-                            q,
-                            h,
-                            false,
-                            std,
-                            device,
-                        ),
+                        q_proj: init
+                            .linear(&format!("{p}.self_attn.q_proj"), h, q, true, std, device)
+                            .into(),
+                        k_proj: init
+                            .linear(&format!("{p}.self_attn.k_proj"), h, kv, true, std, device)
+                            .into(),
+                        v_proj: init
+                            .linear(&format!("{p}.self_attn.v_proj"), h, kv, true, std, device)
+                            .into(),
+                        o_proj: init
+                            .linear(&format!("{p}.self_attn.o_proj"), q, h, false, std, device)
+                            .into(),
                         num_heads: self.num_attention_heads,
                         num_kv_heads: self.num_key_value_heads,
                         head_dim: d,
                     },
                     mlp: Mlp {
-                        gate_proj: init.linear(
-                            &format!("{p}.mlp.gate_proj"),
-                            h,
-                            self.intermediate_size,
-                            false,
-                            std,
-                            device,
-                        ),
-                        up_proj: init.linear(
-                            &format!("{p}.mlp.up_proj"),
-                            h,
-                            self.intermediate_size,
-                            false,
-                            std,
-                            device,
-                        ),
-                        down_proj: init.linear(
-                            &format!("{p}.mlp.down_proj"),
-                            self.intermediate_size,
-                            h,
-                            false,
-                            std,
-                            device,
-                        ),
+                        gate_proj: init
+                            .linear(
+                                &format!("{p}.mlp.gate_proj"),
+                                h,
+                                self.intermediate_size,
+                                false,
+                                std,
+                                device,
+                            )
+                            .into(),
+                        up_proj: init
+                            .linear(
+                                &format!("{p}.mlp.up_proj"),
+                                h,
+                                self.intermediate_size,
+                                false,
+                                std,
+                                device,
+                            )
+                            .into(),
+                        down_proj: init
+                            .linear(
+                                &format!("{p}.mlp.down_proj"),
+                                self.intermediate_size,
+                                h,
+                                false,
+                                std,
+                                device,
+                            )
+                            .into(),
                     },
                     input_layernorm: RmsNorm::new(h, self.rms_norm_eps, device),
                     post_attention_layernorm: RmsNorm::new(h, self.rms_norm_eps, device),

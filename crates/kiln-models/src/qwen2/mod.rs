@@ -16,6 +16,8 @@
 
 use burn::module::{Module, Param};
 use burn::nn::Linear;
+
+use crate::lora::Proj;
 use burn::prelude::*;
 use burn::tensor::activation::{silu, softmax};
 
@@ -55,13 +57,13 @@ impl<B: Backend> RmsNorm<B> {
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
     /// `[hidden, heads * head_dim]`, with bias.
-    pub q_proj: Linear<B>,
+    pub q_proj: Proj<B>,
     /// `[hidden, kv_heads * head_dim]`, with bias.
-    pub k_proj: Linear<B>,
+    pub k_proj: Proj<B>,
     /// `[hidden, kv_heads * head_dim]`, with bias.
-    pub v_proj: Linear<B>,
+    pub v_proj: Proj<B>,
     /// `[heads * head_dim, hidden]`, no bias.
-    pub o_proj: Linear<B>,
+    pub o_proj: Proj<B>,
     /// Query heads.
     pub num_heads: usize,
     /// Key/value heads.
@@ -180,11 +182,11 @@ impl<B: Backend> Attention<B> {
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
     /// `[hidden, intermediate]`.
-    pub gate_proj: Linear<B>,
+    pub gate_proj: Proj<B>,
     /// `[hidden, intermediate]`.
-    pub up_proj: Linear<B>,
+    pub up_proj: Proj<B>,
     /// `[intermediate, hidden]`.
-    pub down_proj: Linear<B>,
+    pub down_proj: Proj<B>,
 }
 
 impl<B: Backend> Mlp<B> {

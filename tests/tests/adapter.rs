@@ -1,0 +1,206 @@
+//! LoRA / QLoRA adapter runs through the CLI: the loss falls with the base frozen,
+//! checkpoints hold only the adapters and the base's identity, resume is exact (adapter
+//! dropout included), a changed base is refused, and unimplemented exports say so.
+
+use std::path::Path;
+
+use kiln_tests::*;
+
+const QLORA: &str = "recipes/smoke/qwen2-qlora-tiny.toml";
+const SMALL: &[&str] = &[
+    "--set",
+    "model.qwen2.hidden_size=32",
+    "--set",
+    "model.qwen2.intermediate_size=64",
+    "--set",
+    "model.qwen2.num_hidden_layers=2",
+    "--set",
+    "phases[0].steps=10",
+    "--set",
+    "phases[0].batch_size=4",
+    "--set",
+    "phases[0].window=32",
+    "--set",
+    "adapter.rank=4",
+    "--set",
+    "adapter.alpha=8",
+    "--set",
+    "schedule.warmup_steps=2",
+    "--set",
+    "train.checkpoint_every=3",
+    "--set",
+    "train.eval_every=0",
+    "--set",
+    "train.eval_tokens=256",
+];
+
+fn small_args<'a>(out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec!["train", QLORA, "--out", out];
+    a.extend_from_slice(SMALL);
+    a.extend_from_slice(extra);
+    a
+}
+
+fn checkpoint_tensor_names(dir: &Path) -> Vec<String> {
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|k| *k != "__metadata__")
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn qlora_smoke_loss_falls_and_checkpoints_hold_only_adapters() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    assert_ok(&run(&["train", QLORA, "--out", out]));
+    let run_dir = dir.path().join("qwen2-qlora-tiny");
+    let l = losses(&run_dir);
+    let mean = |xs: &[(u64, f64)]| xs.iter().map(|(_, v)| v).sum::<f64>() / xs.len() as f64;
+    let (first, last) = (mean(&l[..5]), mean(&l[l.len() - 5..]));
+    assert!(
+        last < first - 0.2,
+        "adapter training lowers the loss: {first:.3} -> {last:.3}"
+    );
+    let ckpt = run_dir.join("checkpoints/step-00000040");
+    let names = checkpoint_tensor_names(&ckpt);
+    // 4 layers x 7 projections x (A, B).
+    assert_eq!(names.len(), 56, "{names:?}");
+    assert!(
+        names
+            .iter()
+            .all(|n| n.contains(".lora_A.") || n.contains(".lora_B.")),
+        "{names:?}"
+    );
+    let state = std::fs::read_to_string(ckpt.join("state.json")).unwrap();
+    assert!(state.contains("random base from run.seed 1234"), "{state}");
+}
+
+#[test]
+fn adapter_runs_resume_exactly_with_dropout() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    assert_ok(&run(&small_args(out, &["--set", "run.name=straight"])));
+    let straight = losses(&dir.path().join("straight"));
+    assert_eq!(straight.len(), 10);
+    let first = run(&small_args(
+        out,
+        &["--set", "run.name=split", "--stop-after", "4"],
+    ));
+    assert_eq!(first.status.code(), Some(75), "{}", stderr(&first));
+    let run_dir = dir.path().join("split");
+    assert_ok(&run(&["resume", run_dir.to_str().unwrap()]));
+    assert_eq!(straight, losses(&run_dir), "resumed adapter run differs");
+}
+
+#[test]
+fn lora_on_a_pretrained_base_refuses_a_changed_base_and_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    std::fs::create_dir(&base).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(
+            repo_root().join("tests/fixtures/qwen2/roundtrip").join(f),
+            base.join(f),
+        )
+        .unwrap();
+    }
+    let recipe = dir.path().join("lora.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            r#"# LoRA on a pretrained base.
+[run]
+name = "lora"
+out_dir = "{out}"
+[model]
+family = "qwen2"
+[model.qwen2]
+hf_dir = "{base}"
+[data]
+[[data.sources]]
+name = "notes"
+format = "jsonl"
+path = "{notes}"
+[[phases]]
+sources = {{ notes = 1.0 }}
+batch_size = 2
+window = 32
+steps = 6
+[train]
+checkpoint_every = 2
+[adapter]
+kind = "lora"
+rank = 4
+alpha = 8
+targets = ["q_proj", "v_proj"]
+"#,
+            out = dir.path().display(),
+            base = base.display(),
+            notes = repo_root().join("data/notes.jsonl").display()
+        ),
+    )
+    .unwrap();
+    let first = run(&["train", recipe.to_str().unwrap(), "--stop-after", "2"]);
+    assert_eq!(first.status.code(), Some(75), "{}", stderr(&first));
+    let run_dir = dir.path().join("lora");
+    let names = checkpoint_tensor_names(&run_dir.join("checkpoints/step-00000002"));
+    assert_eq!(
+        names.len(),
+        2 * 2 * 2,
+        "2 layers x (q, v) x (A, B): {names:?}"
+    );
+    // A pretrained base starts from its own loss, not from a random model's.
+    assert!(losses(&run_dir)[0].1 < 4.0);
+
+    let export = run(&[
+        "export",
+        run_dir.to_str().unwrap(),
+        "--out",
+        dir.path().join("x").to_str().unwrap(),
+    ]);
+    assert_eq!(export.status.code(), Some(1));
+    assert!(
+        stderr(&export).contains("adapter run") && stderr(&export).contains("not implemented yet"),
+        "{}",
+        stderr(&export)
+    );
+
+    // Change the frozen base under the run: resume must refuse.
+    let cfg = base.join("config.json");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"rms_norm_eps\": 1e-6", "\"rms_norm_eps\": 2e-6");
+    std::fs::write(&cfg, text).unwrap();
+    let resumed = run(&["resume", run_dir.to_str().unwrap()]);
+    assert_eq!(resumed.status.code(), Some(1));
+    assert!(
+        stderr(&resumed).contains("the frozen base changed"),
+        "{}",
+        stderr(&resumed)
+    );
+}
+
+#[test]
+fn adapter_recipe_errors_name_their_keys() {
+    let out = run(&[
+        "inspect",
+        QLORA,
+        "--set",
+        "adapter.targets=[\"q_proj\", \"qq_proj\"]",
+        "--set",
+        "adapter.rank=0",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("adapter.targets[1]: unknown projection `qq_proj`"),
+        "{err}"
+    );
+    assert!(err.contains("adapter.rank: must be at least 1"), "{err}");
+}
