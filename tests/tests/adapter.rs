@@ -204,3 +204,41 @@ fn adapter_recipe_errors_name_their_keys() {
     );
     assert!(err.contains("adapter.rank: must be at least 1"), "{err}");
 }
+
+#[test]
+fn neftune_noises_training_only_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let plain = run(&tiny_train_args(
+        out,
+        &["--set", "run.name=plain", "--stop-after", "1"],
+    ));
+    assert_eq!(plain.status.code(), Some(75));
+    let noisy_args = |name: &'static str, extra: &[&'static str]| {
+        let mut a = tiny_train_args(out, &["--set", name, "--set", "train.neftune_alpha=5"]);
+        a.extend_from_slice(extra);
+        a
+    };
+    assert_ok(&run(&noisy_args("run.name=noisy", &[])));
+    let noisy = losses(&dir.path().join("noisy"));
+    let first_plain = losses(&dir.path().join("plain"))[0].1;
+    assert_ne!(noisy[0].1, first_plain, "NEFTune changes the training loss");
+    // Evaluation sees no noise: evaluating the same checkpoint twice gives the same loss,
+    // equal to the run's own final eval row.
+    let run_dir = dir.path().join("noisy");
+    let eval = |_: u8| {
+        let r = run(&["eval", run_dir.to_str().unwrap()]);
+        assert_ok(&r);
+        serde_json::from_str::<serde_json::Value>(&stdout(&r)).unwrap()["eval_loss"]
+            .as_f64()
+            .unwrap()
+    };
+    assert_eq!(eval(0), eval(1));
+    assert_eq!(eval(0), *eval_losses(&run_dir).last().unwrap());
+    // The noise is drawn from a generator reseeded every step: resume reproduces it.
+    let first = run(&noisy_args("run.name=split", &["--stop-after", "5"]));
+    assert_eq!(first.status.code(), Some(75));
+    let split = dir.path().join("split");
+    assert_ok(&run(&["resume", split.to_str().unwrap()]));
+    assert_eq!(noisy, losses(&split));
+}

@@ -192,10 +192,21 @@ impl<B: Backend> Model<B> {
     /// The model a recipe trains: [`Model::from_recipe`], with the `[adapter]` attached.
     pub fn for_training(recipe: &Recipe, device: &B::Device) -> Result<Self, ModelError> {
         let model = Self::from_recipe(recipe, device)?;
-        Ok(match &recipe.adapter {
+        let model = match &recipe.adapter {
             Some(a) => model.with_adapter(a, recipe.run.seed, device),
             None => model,
-        })
+        };
+        Ok(model.with_neftune(recipe.train.neftune_alpha))
+    }
+
+    /// Sets the NEFTune noise scale (0: off); it only acts while gradients are tracked.
+    pub fn with_neftune(self, alpha: f64) -> Self {
+        match self {
+            Self::Qwen2(mut m) => {
+                m.neftune_alpha = alpha;
+                Self::Qwen2(m)
+            }
+        }
     }
 
     /// The model of a checkpoint: for an adapter run, the base (from `hf_dir` or the seed)
@@ -206,7 +217,8 @@ impl<B: Backend> Model<B> {
         device: &B::Device,
     ) -> Result<Self, ModelError> {
         if recipe.adapter.is_none() {
-            return Self::with_weights(recipe, tensors, device);
+            return Ok(Self::with_weights(recipe, tensors, device)?
+                .with_neftune(recipe.train.neftune_alpha));
         }
         let model = Self::for_training(recipe, device)?;
         load_named_subset(model, tensors, device)

@@ -541,6 +541,14 @@ pub struct TrainSection {
     /// Window of evaluation sequences (default: the first phase's window).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_window: Option<usize>,
+    /// NEFTune: in training only, add `U(-m, m)` noise to the input embeddings with
+    /// `m = alpha / sqrt(seq * hidden)` (0: off; the Convergent-7B recipe uses 5).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub neftune_alpha: f64,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 impl Default for TrainSection {
@@ -553,6 +561,7 @@ impl Default for TrainSection {
             eval_every: 0,
             eval_tokens: default_eval_tokens(),
             eval_window: None,
+            neftune_alpha: 0.0,
         }
     }
 }

@@ -395,5 +395,10 @@ impl Recipe {
             "must be at least 1",
         );
         e.check(t.eval_tokens > 0, "train.eval_tokens", "must be at least 1");
+        e.check(
+            t.neftune_alpha.is_finite() && t.neftune_alpha >= 0.0,
+            "train.neftune_alpha",
+            format!("{} must not be negative", t.neftune_alpha),
+        );
     }
 }

@@ -435,6 +435,7 @@ impl Qwen2Config {
             },
             lm_head,
             config: self.clone(),
+            neftune_alpha: 0.0,
         }
     }
 }

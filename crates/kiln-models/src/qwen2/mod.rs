@@ -268,6 +268,9 @@ pub struct Qwen2ForCausalLM<B: Backend> {
     /// The configuration it was built from.
     #[module(skip)]
     pub config: Qwen2Config,
+    /// NEFTune noise scale; applied only when gradients are tracked (training).
+    #[module(skip)]
+    pub neftune_alpha: f64,
 }
 
 impl<B: Backend> Qwen2ForCausalLM<B> {
@@ -312,6 +315,19 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
             bias = bias + pad_bias;
         }
         let mut x = self.model.embed_tokens.forward(input_ids); // [b, t, hidden]
+        if self.neftune_alpha > 0.0 && B::ad_enabled(&device) {
+            // NEFTune (Jain et al. 2023): uniform noise of magnitude alpha / sqrt(L * d) on
+            // the input embeddings, in training only (never in eval or generation, which run
+            // without autodiff).
+            let d = x.dims()[2];
+            let m = self.neftune_alpha / ((t * d) as f64).sqrt();
+            let noise = Tensor::random(
+                x.shape(),
+                burn::tensor::Distribution::Uniform(-m, m),
+                &device,
+            );
+            x = x + noise;
+        }
         for layer in &self.model.layers {
             x = layer.forward(x, &rope, &bias);
         }
