@@ -538,30 +538,10 @@ impl<B: Backend> ModuleMapper<B> for Load<'_, B> {
 /// others; fails on a tensor that matches no parameter or has the wrong shape.
 pub fn load_named_subset<B: Backend, M: Module<B>>(
     module: M,
-    mut tensors: BTreeMap<String, NamedTensor>,
+    tensors: BTreeMap<String, NamedTensor>,
     device: &B::Device,
 ) -> Result<M, ModelError> {
-    let mut load = Load::<B> {
-        path: PathStack::default(),
-        tensors: &mut tensors,
-        device: device.clone(),
-        missing: Vec::new(),
-        mismatched: Vec::new(),
-    };
-    let module = module.map(&mut load);
-    let mismatched = load.mismatched;
-    let unused: Vec<String> = tensors.into_keys().collect();
-    if mismatched.is_empty() && unused.is_empty() {
-        return Ok(module);
-    }
-    let mut msg = String::from("weights do not match the model:");
-    for m in &mismatched {
-        msg.push_str(&format!("\n  shape mismatch: {m}"));
-    }
-    if !unused.is_empty() {
-        msg.push_str(&format!("\n  unused: {}", unused.join(", ")));
-    }
-    Err(ModelError::Load(msg))
+    load_checked(module, tensors, device, false)
 }
 
 /// Replaces every float parameter by the tensor of the same name.
@@ -570,8 +550,17 @@ pub fn load_named_subset<B: Backend, M: Module<B>>(
 /// or a tensor matches no parameter. `tensors` is consumed.
 pub fn load_named<B: Backend, M: Module<B>>(
     module: M,
+    tensors: BTreeMap<String, NamedTensor>,
+    device: &B::Device,
+) -> Result<M, ModelError> {
+    load_checked(module, tensors, device, true)
+}
+
+fn load_checked<B: Backend, M: Module<B>>(
+    module: M,
     mut tensors: BTreeMap<String, NamedTensor>,
     device: &B::Device,
+    require_all: bool,
 ) -> Result<M, ModelError> {
     let mut load = Load::<B> {
         path: PathStack::default(),
@@ -581,7 +570,12 @@ pub fn load_named<B: Backend, M: Module<B>>(
         mismatched: Vec::new(),
     };
     let module = module.map(&mut load);
-    let (missing, mismatched) = (load.missing, load.mismatched);
+    let missing = if require_all {
+        load.missing
+    } else {
+        Vec::new()
+    };
+    let mismatched = load.mismatched;
     let unused: Vec<String> = tensors.into_keys().collect();
     if missing.is_empty() && mismatched.is_empty() && unused.is_empty() {
         return Ok(module);
