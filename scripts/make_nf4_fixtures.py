@@ -17,6 +17,7 @@ heavy-tailed with outliers, one with a partial last block, a bf16 one):
                          its quantizer when the row length is not a multiple of 64: kept to
                          show it, not used as the reference)
   dynamic_map            bitsandbytes' signed 8-bit dynamic map (256 f32)
+  dynamic_map_unsigned   its unsigned map (8-bit AdamW's second moment)
 
 Regenerate (from the repository root):
 
@@ -49,7 +50,10 @@ def cases():
 
 def main():
     os.makedirs(OUT, exist_ok=True)
-    tensors = {"dynamic_map": F.create_dynamic_map(signed=True).float()}
+    tensors = {
+        "dynamic_map": F.create_dynamic_map(signed=True).float(),
+        "dynamic_map_unsigned": F.create_dynamic_map(signed=False).float(),
+    }
     for name, w in cases().items():
         w = w.float().contiguous()
         packed, st = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")

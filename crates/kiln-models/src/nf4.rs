@@ -77,6 +77,45 @@ pub fn dynamic_map() -> [f32; 256] {
     out
 }
 
+/// bitsandbytes' unsigned 8-bit dynamic map (`create_dynamic_map(signed=False)`): 256
+/// sorted levels in `[0, 1]`, used for the second moment of 8-bit AdamW.
+pub fn dynamic_map_unsigned() -> [f32; 256] {
+    let mut data: Vec<f64> = Vec::with_capacity(256);
+    for i in 0..7i32 {
+        let items = 2usize.pow((i + 1) as u32) + 1;
+        let s = 10f64.powi(-6 + i) as f32;
+        data.extend(linspace_means(items).iter().map(|m| f64::from(s * m)));
+    }
+    data.push(0.0);
+    data.push(1.0);
+    data.sort_by(|a, b| a.partial_cmp(b).expect("finite levels"));
+    let mut out = [0f32; 256];
+    for (o, d) in out.iter_mut().zip(&data) {
+        *o = *d as f32;
+    }
+    out
+}
+
+/// Nearest-level blockwise quantization onto sorted `levels` (an all-zero block gets
+/// absmax 0 and the level nearest 0): the codes and each block's absmax.
+pub fn quantize_nearest(values: &[f32], levels: &[f32], block: usize) -> (Vec<u8>, Vec<f32>) {
+    quantize_blockwise(values, levels, block)
+}
+
+/// Inverse of [`quantize_nearest`].
+pub fn dequantize_blockwise(
+    codes: &[u8],
+    absmax: &[f32],
+    levels: &[f32],
+    block: usize,
+) -> Vec<f32> {
+    codes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| levels[*c as usize] * absmax[i / block])
+        .collect()
+}
+
 /// `(b[:-1] + b[1:]) / 2` of `torch.linspace(0.1, 1, n, dtype=float32)`, in f32.
 fn linspace_means(n: usize) -> Vec<f32> {
     let (start, end) = (0.1f32, 1.0f32);

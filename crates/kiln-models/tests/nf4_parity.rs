@@ -10,7 +10,7 @@
 //! nearer one. The test checks that every such difference is of that kind, that they are
 //! rare, and what they cost in the dequantized weights.
 
-use kiln_models::nf4::{Nf4Tensor, dynamic_map};
+use kiln_models::nf4::{Nf4Tensor, dynamic_map, dynamic_map_unsigned};
 
 struct Fixture(Vec<u8>);
 
@@ -46,6 +46,8 @@ fn dynamic_map_is_bitsandbytes() {
     let fx = Fixture::load();
     let (_, want) = fx.f32("dynamic_map");
     assert_eq!(dynamic_map().to_vec(), want);
+    let (_, want) = fx.f32("dynamic_map_unsigned");
+    assert_eq!(dynamic_map_unsigned().to_vec(), want);
 }
 
 #[test]

@@ -476,6 +476,9 @@ pub enum OptimKind {
     /// AdamW with f32 moments.
     #[default]
     Adamw,
+    /// AdamW with both moments blockwise-quantized to 8 bits (bitsandbytes' dynamic maps,
+    /// blocks of 256; tensors under 4096 values keep f32 moments).
+    Adamw8bit,
 }
 
 /// `[schedule]`: learning rate against the optimizer step.

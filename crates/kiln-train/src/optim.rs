@@ -11,8 +11,8 @@ use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 
-use kiln_models::PathStack;
-use kiln_recipe::OptimSection;
+use kiln_models::{NamedTensor, PathStack};
+use kiln_recipe::{OptimKind, OptimSection};
 
 /// Summed gradients of the micro-batches of one optimizer step, by parameter name.
 #[derive(Debug)]
@@ -111,14 +111,37 @@ pub struct Moments<B: Backend> {
     pub v: Tensor<B, 1>,
 }
 
-/// AdamW (Loshchilov and Hutter): decoupled weight decay, bias-corrected moments.
+/// 8-bit moments of one parameter (bitsandbytes' 8-bit AdamW layout): blocks of 256
+/// values, each with its absmax; `m` on the signed dynamic map, `v` on the unsigned one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Moments8 {
+    /// First-moment codes.
+    pub m_codes: Vec<u8>,
+    /// First-moment block absmax.
+    pub m_absmax: Vec<f32>,
+    /// Second-moment codes.
+    pub v_codes: Vec<u8>,
+    /// Second-moment block absmax.
+    pub v_absmax: Vec<f32>,
+}
+
+/// Values per block of 8-bit optimizer state.
+pub const STATE_BLOCK: usize = 256;
+/// Tensors smaller than this keep f32 moments under `adamw8bit` (as bitsandbytes).
+pub const MIN_8BIT_SIZE: usize = 4096;
+
+/// AdamW (Loshchilov and Hutter): decoupled weight decay, bias-corrected moments; with
+/// `kind = "adamw8bit"`, the moments of tensors of at least 4096 values are kept
+/// blockwise-quantized to 8 bits between steps (dequantized, updated in f32, requantized).
 #[derive(Debug)]
 pub struct AdamW<B: Backend> {
     config: OptimSection,
     /// Optimizer steps taken (bias correction uses it).
     pub step: u64,
-    /// Moments by parameter name.
+    /// f32 moments by parameter name.
     pub state: BTreeMap<String, Moments<B>>,
+    /// 8-bit moments by parameter name.
+    pub state8: BTreeMap<String, Moments8>,
 }
 
 impl<B: Backend> AdamW<B> {
@@ -128,7 +151,169 @@ impl<B: Backend> AdamW<B> {
             config: config.clone(),
             step: 0,
             state: BTreeMap::new(),
+            state8: BTreeMap::new(),
         }
+    }
+
+    /// The optimizer state as named f32 tensors (8-bit codes are stored as exact f32
+    /// integers): `m.<p>`, `v.<p>`, or `m8.codes.<p>`, `m8.absmax.<p>`, `v8.codes.<p>`,
+    /// `v8.absmax.<p>`.
+    pub fn state_tensors(&self) -> BTreeMap<String, NamedTensor> {
+        let mut out = BTreeMap::new();
+        let mut put = |key: String, values: Vec<f32>| {
+            out.insert(
+                key,
+                NamedTensor {
+                    shape: vec![values.len()],
+                    values,
+                },
+            );
+        };
+        for (name, m) in &self.state {
+            for (prefix, t) in [("m", &m.m), ("v", &m.v)] {
+                let values = t
+                    .to_data()
+                    .convert::<f32>()
+                    .into_vec::<f32>()
+                    .unwrap_or_default();
+                put(format!("{prefix}.{name}"), values);
+            }
+        }
+        for (name, q) in &self.state8 {
+            let codes = |c: &[u8]| c.iter().map(|x| f32::from(*x)).collect::<Vec<f32>>();
+            put(format!("m8.codes.{name}"), codes(&q.m_codes));
+            put(format!("m8.absmax.{name}"), q.m_absmax.clone());
+            put(format!("v8.codes.{name}"), codes(&q.v_codes));
+            put(format!("v8.absmax.{name}"), q.v_absmax.clone());
+        }
+        out
+    }
+
+    /// Restores what [`AdamW::state_tensors`] wrote.
+    pub fn load_state_tensors(
+        &mut self,
+        mut tensors: BTreeMap<String, NamedTensor>,
+        step: u64,
+        device: &B::Device,
+    ) -> Result<(), String> {
+        self.step = step;
+        let names = |tensors: &BTreeMap<String, NamedTensor>, prefix: &str| -> Vec<String> {
+            tensors
+                .keys()
+                .filter_map(|k| k.strip_prefix(prefix).map(str::to_string))
+                .collect()
+        };
+        let f32_names = names(&tensors, "m.");
+        let q8_names = names(&tensors, "m8.codes.");
+        let mut take = |key: String| {
+            tensors
+                .remove(&key)
+                .ok_or_else(|| format!("optimizer tensor `{key}` is missing"))
+        };
+        for name in f32_names {
+            let (m, v) = (take(format!("m.{name}"))?, take(format!("v.{name}"))?);
+            let to_tensor = |t: NamedTensor| {
+                let n = t.values.len();
+                Tensor::<B, 1>::from_data(TensorData::new(t.values, [n]), device)
+            };
+            self.state.insert(
+                name,
+                Moments {
+                    m: to_tensor(m),
+                    v: to_tensor(v),
+                },
+            );
+        }
+        for name in q8_names {
+            let codes = |t: NamedTensor| t.values.iter().map(|x| *x as u8).collect::<Vec<u8>>();
+            let q = Moments8 {
+                m_codes: codes(take(format!("m8.codes.{name}"))?),
+                m_absmax: take(format!("m8.absmax.{name}"))?.values,
+                v_codes: codes(take(format!("v8.codes.{name}"))?),
+                v_absmax: take(format!("v8.absmax.{name}"))?.values,
+            };
+            self.state8.insert(name, q);
+        }
+        match tensors.keys().next() {
+            Some(left) => Err(format!("unexpected optimizer tensor `{left}`")),
+            None => Ok(()),
+        }
+    }
+
+    /// Bytes of optimizer state held.
+    pub fn state_bytes(&self) -> usize {
+        let f32s: usize = self
+            .state
+            .values()
+            .map(|m| 2 * 4 * m.m.shape().num_elements())
+            .sum();
+        let q8: usize = self
+            .state8
+            .values()
+            .map(|q| q.m_codes.len() + q.v_codes.len() + 4 * (q.m_absmax.len() + q.v_absmax.len()))
+            .sum();
+        f32s + q8
+    }
+
+    /// The 8-bit update of one parameter, on the host.
+    fn update_8bit(
+        &mut self,
+        name: &str,
+        param: Tensor<B, 1>,
+        grad: Tensor<B, 1>,
+        decay: bool,
+        lr: f64,
+    ) -> Tensor<B, 1> {
+        use kiln_models::nf4::{
+            dequantize_blockwise, dynamic_map, dynamic_map_unsigned, quantize_nearest,
+        };
+        let [b1, b2] = self.config.betas;
+        let t = self.step as i32;
+        let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+        let device = param.device();
+        let g = grad
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .unwrap_or_default();
+        let mut p = param
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .unwrap_or_default();
+        let (smap, umap) = (dynamic_map(), dynamic_map_unsigned());
+        let (mut m, mut v) = match self.state8.remove(name) {
+            Some(q) => (
+                dequantize_blockwise(&q.m_codes, &q.m_absmax, &smap, STATE_BLOCK),
+                dequantize_blockwise(&q.v_codes, &q.v_absmax, &umap, STATE_BLOCK),
+            ),
+            None => (vec![0.0; g.len()], vec![0.0; g.len()]),
+        };
+        let (wd, eps) = (self.config.weight_decay, self.config.eps);
+        for i in 0..g.len() {
+            let gi = f64::from(g[i]);
+            let mi = b1 * f64::from(m[i]) + (1.0 - b1) * gi;
+            let vi = b2 * f64::from(v[i]) + (1.0 - b2) * gi * gi;
+            let mut pi = f64::from(p[i]);
+            if decay && wd > 0.0 {
+                pi *= 1.0 - lr * wd;
+            }
+            pi -= lr * (mi / bc1) / ((vi / bc2).sqrt() + eps);
+            (m[i], v[i], p[i]) = (mi as f32, vi as f32, pi as f32);
+        }
+        let (m_codes, m_absmax) = quantize_nearest(&m, &smap, STATE_BLOCK);
+        let (v_codes, v_absmax) = quantize_nearest(&v, &umap, STATE_BLOCK);
+        self.state8.insert(
+            name.to_string(),
+            Moments8 {
+                m_codes,
+                m_absmax,
+                v_codes,
+                v_absmax,
+            },
+        );
+        let n = p.len();
+        Tensor::from_data(TensorData::new(p, [n]), &device)
     }
 
     /// Applies one update with learning rate `lr` to every parameter that has a gradient.
@@ -155,6 +340,11 @@ impl<B: Backend> AdamW<B> {
         rank: usize,
         lr: f64,
     ) -> Tensor<B, 1> {
+        let decay = kiln_models::decays(name, rank);
+        if self.config.kind == OptimKind::Adamw8bit && param.shape().num_elements() >= MIN_8BIT_SIZE
+        {
+            return self.update_8bit(name, param, grad, decay, lr);
+        }
         let [b1, b2] = self.config.betas;
         let t = self.step as i32;
         let moments = match self.state.remove(name) {
@@ -177,7 +367,7 @@ impl<B: Backend> AdamW<B> {
             .add_scalar(self.config.eps);
         let update = moments.m.clone().div_scalar(bc1).div(denom).mul_scalar(lr);
         let wd = self.config.weight_decay;
-        let param = if wd > 0.0 && kiln_models::decays(name, rank) {
+        let param = if wd > 0.0 && decay {
             param.mul_scalar(1.0 - lr * wd)
         } else {
             param

@@ -9,13 +9,13 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 
 use kiln_data::{Batch, DataPipeline, Tokenizer};
-use kiln_models::{Model, ModelSpec, NamedTensor, trainable_params};
+use kiln_models::{Model, ModelSpec, trainable_params};
 use kiln_recipe::Recipe;
 
 use crate::checkpoint::{Checkpoint, TrainState, write_checkpoint};
 use crate::loss::{input_tensor, masked_nll};
 use crate::metrics::MetricsLog;
-use crate::optim::{AdamW, GradAccumulator, Moments};
+use crate::optim::{AdamW, GradAccumulator};
 use crate::run::{RunDir, RunStatus};
 use crate::schedule::Schedule;
 use crate::{EvalMetrics, Event, Observer, Outcome, StepMetrics, TrainError};
@@ -103,67 +103,6 @@ pub fn evaluate_checkpoint<B: Backend>(
     })
 }
 
-fn optimizer_tensors<B: Backend>(optim: &AdamW<B>) -> BTreeMap<String, NamedTensor> {
-    let mut out = BTreeMap::new();
-    for (name, m) in &optim.state {
-        for (prefix, t) in [("m", &m.m), ("v", &m.v)] {
-            let values = t
-                .to_data()
-                .convert::<f32>()
-                .into_vec::<f32>()
-                .unwrap_or_default();
-            out.insert(
-                format!("{prefix}.{name}"),
-                NamedTensor {
-                    shape: vec![values.len()],
-                    values,
-                },
-            );
-        }
-    }
-    out
-}
-
-fn restore_optimizer<B: Backend>(
-    optim: &mut AdamW<B>,
-    mut tensors: BTreeMap<String, NamedTensor>,
-    step: u64,
-    device: &B::Device,
-) -> Result<(), TrainError> {
-    optim.step = step;
-    let names: Vec<String> = tensors
-        .keys()
-        .filter_map(|k| k.strip_prefix("m.").map(str::to_string))
-        .collect();
-    for name in names {
-        let (Some(m), Some(v)) = (
-            tensors.remove(&format!("m.{name}")),
-            tensors.remove(&format!("v.{name}")),
-        ) else {
-            return Err(TrainError::Checkpoint(format!(
-                "optimizer state of `{name}` is incomplete"
-            )));
-        };
-        let to_tensor = |t: NamedTensor| {
-            let n = t.values.len();
-            Tensor::<B, 1>::from_data(TensorData::new(t.values, [n]), device)
-        };
-        optim.state.insert(
-            name,
-            Moments {
-                m: to_tensor(m),
-                v: to_tensor(v),
-            },
-        );
-    }
-    if let Some(left) = tensors.keys().next() {
-        return Err(TrainError::Checkpoint(format!(
-            "unexpected optimizer tensor `{left}`"
-        )));
-    }
-    Ok(())
-}
-
 /// When a training session should stop early (always after a whole step, with a
 /// checkpoint, so the run can be resumed).
 #[derive(Debug)]
@@ -211,7 +150,9 @@ pub fn train<B: AutodiffBackend>(
                 )));
             }
             model = Model::<B>::restore(recipe, ckpt.model, device)?;
-            restore_optimizer(&mut optim, ckpt.optimizer, ckpt.state.step, device)?;
+            optim
+                .load_state_tensors(ckpt.optimizer, ckpt.state.step, device)
+                .map_err(|e| TrainError::Checkpoint(format!("`{}`: {e}", ckpt.dir.display())))?;
             data.check_cursor(&ckpt.state.cursor)?;
             observer.event(Event::Info(format!(
                 "resuming from `{}` at step {}",
@@ -266,7 +207,7 @@ pub fn train<B: AutodiffBackend>(
             state.clone(),
             // Adapter runs save only what trains; the frozen base is recorded by identity.
             &trainable_params(model),
-            &optimizer_tensors(optim),
+            &optim.state_tensors(),
             &recipe_toml,
             recipe.train.keep_checkpoints,
         )?;
