@@ -304,3 +304,55 @@ fn adamw_8bit_tracks_f32_adamw_and_resumes_exactly() {
     assert_ok(&run(&["resume", split.to_str().unwrap()]));
     assert_eq!(q8_run, losses(&split));
 }
+
+#[test]
+fn adapters_export_in_peft_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let first = run(&small_args(out, &["--stop-after", "3"]));
+    assert_eq!(first.status.code(), Some(75), "{}", stderr(&first));
+    let run_dir = dir.path().join("qwen2-qlora-tiny");
+    let hf = run(&[
+        "export",
+        run_dir.to_str().unwrap(),
+        "--out",
+        dir.path().join("hf").to_str().unwrap(),
+    ]);
+    assert_eq!(hf.status.code(), Some(1));
+    assert!(stderr(&hf).contains("--format peft"), "{}", stderr(&hf));
+    let peft = dir.path().join("peft");
+    assert_ok(&run(&[
+        "export",
+        run_dir.to_str().unwrap(),
+        "--format",
+        "peft",
+        "--out",
+        peft.to_str().unwrap(),
+    ]));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(peft.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["peft_type"], "LORA");
+    assert_eq!(config["r"], 4);
+    assert_eq!(config["target_modules"].as_array().unwrap().len(), 7);
+    let names = {
+        let bytes = std::fs::read(peft.join("adapter_model.safetensors")).unwrap();
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+        let shape =
+            header["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]["shape"]
+                .clone();
+        assert_eq!(
+            shape,
+            serde_json::json!([4, 32]),
+            "PEFT's lora_A is [r, in]"
+        );
+        header
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|k| *k != "__metadata__")
+            .count()
+    };
+    assert_eq!(names, 2 * 7 * 2);
+}

@@ -69,6 +69,8 @@ enum TokenizerCommand {
 enum ExportFormat {
     /// Hugging Face `transformers`: config.json + (sharded) model.safetensors.
     Hf,
+    /// PEFT LoRA adapter: adapter_config.json + adapter_model.safetensors (adapter runs).
+    Peft,
 }
 
 #[derive(Subcommand)]
@@ -305,6 +307,43 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Export {
             run_dir,
+            format: ExportFormat::Peft,
+            out,
+            checkpoint,
+            ..
+        } => {
+            let run = RunDir::open(&run_dir)?;
+            let recipe = run.load_recipe(&[])?.recipe;
+            let Some(adapter) = &recipe.adapter else {
+                bail!(
+                    "`{}` has no [adapter]: use `--format hf` to export the full model",
+                    run_dir.display()
+                );
+            };
+            let ckpt = find_checkpoint(&run_dir, &checkpoint)?;
+            let step = ckpt.state.step;
+            let device = burn::backend::flex::FlexDevice;
+            let model =
+                kiln_models::Model::<burn::backend::Flex>::restore(&recipe, ckpt.model, &device)?;
+            let base = recipe
+                .model
+                .qwen2
+                .as_ref()
+                .and_then(|q| q.hf_dir.clone())
+                .unwrap_or_else(|| format!("random base (run.seed {})", recipe.run.seed));
+            let files = model.export_peft(&out, adapter, &base)?;
+            eprintln!(
+                "exported the adapters of step {step} of {} to {}:",
+                run_dir.display(),
+                out.display()
+            );
+            for f in files {
+                println!("{}", f.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Export {
+            run_dir,
             format: ExportFormat::Hf,
             out,
             checkpoint,
@@ -314,7 +353,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let recipe = run.load_recipe(&[])?.recipe;
             if recipe.adapter.is_some() {
                 bail!(
-                    "`{}` is an adapter run: PEFT (`--format peft`) and merged exports of adapters are not implemented yet",
+                    "`{}` is an adapter run: export its adapters with `--format peft` (a merged export is not implemented yet)",
                     run_dir.display()
                 );
             }

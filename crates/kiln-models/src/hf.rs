@@ -254,6 +254,27 @@ pub fn read_checkpoint(
     Ok(out)
 }
 
+/// Reads every tensor of one safetensors file as `f32`, mapped by `map` as in
+/// [`read_checkpoint`].
+pub fn read_checkpoint_file(
+    path: &Path,
+    mut map: impl FnMut(String, NamedTensor) -> Option<(String, NamedTensor)>,
+) -> Result<BTreeMap<String, NamedTensor>, ModelError> {
+    if !path.is_file() {
+        return Err(ModelError::MissingFile {
+            path: path.to_path_buf(),
+            hint: "expected a safetensors file".to_string(),
+        });
+    }
+    let mut out = BTreeMap::new();
+    for (name, info) in &read_header(path)? {
+        if let Some((k, v)) = map(name.clone(), read_tensor(path, name, info)?) {
+            out.insert(k, v);
+        }
+    }
+    Ok(out)
+}
+
 fn encode(tensors: &[(&String, &NamedTensor)], path: &Path) -> Result<Vec<u8>, ModelError> {
     let mut header = serde_json::Map::new();
     header.insert(
@@ -341,6 +362,16 @@ pub fn write_checkpoint(
     )?;
     written.push(path);
     Ok(written)
+}
+
+/// Writes tensors (already under their file names and layouts) as one safetensors file.
+pub fn write_tensors(
+    path: &Path,
+    tensors: &BTreeMap<String, NamedTensor>,
+) -> Result<(), ModelError> {
+    let list: Vec<(&String, &NamedTensor)> = tensors.iter().collect();
+    let bytes = encode(&list, path)?;
+    write_file(path, &bytes)
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {

@@ -233,6 +233,113 @@ impl<B: Backend> Model<B> {
             .map_err(|e| ModelError::Load(format!("`{}`: {e}", dir.display())))
     }
 
+    /// Writes the LoRA adapters as a PEFT adapter directory (`adapter_config.json` +
+    /// `adapter_model.safetensors`, keys `base_model.model.<module>.lora_A.weight` `[r, in]`
+    /// and `lora_B.weight` `[out, r]`) that `PeftModel.from_pretrained` loads onto `base`.
+    pub fn export_peft(
+        &self,
+        dir: &Path,
+        adapter: &AdapterSection,
+        base: &str,
+    ) -> Result<Vec<std::path::PathBuf>, ModelError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ModelError::Io { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let Self::Qwen2(m) = self;
+        let cfg = m.config();
+        let tensors: BTreeMap<String, NamedTensor> = named_params(self)
+            .into_iter()
+            .filter(|(n, _)| n.contains(".lora_"))
+            .map(|(n, t)| {
+                let (n, t) = cfg.to_hf_tensor(n, t);
+                (format!("base_model.model.{n}"), t)
+            })
+            .collect();
+        if tensors.is_empty() {
+            return Err(ModelError::Load(
+                "the model has no LoRA adapters to export".to_string(),
+            ));
+        }
+        let weights = dir.join("adapter_model.safetensors");
+        hf::write_tensors(&weights, &tensors)?;
+        let config = serde_json::json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base,
+            "r": adapter.rank,
+            "lora_alpha": adapter.alpha,
+            "lora_dropout": adapter.dropout,
+            "target_modules": adapter.targets,
+            "use_rslora": adapter.rslora,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "inference_mode": true,
+            "init_lora_weights": true,
+            "modules_to_save": null,
+            "layers_to_transform": null,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+        });
+        let path = dir.join("adapter_config.json");
+        std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&config).expect("config serializes"),
+        )
+        .map_err(io(&path))?;
+        Ok(vec![weights, path])
+    }
+
+    /// Attaches a PEFT LoRA adapter directory (as [`Model::export_peft`] writes it) to this
+    /// model, e.g. one loaded with [`Model::from_hf_dir`].
+    pub fn load_peft_adapter(self, dir: &Path, device: &B::Device) -> Result<Self, ModelError> {
+        let path = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let cfg: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| ModelError::Config {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+        let bad = |m: &str| ModelError::Config {
+            path: path.clone(),
+            message: m.to_string(),
+        };
+        let adapter = AdapterSection {
+            kind: AdapterKind::Lora,
+            rank: cfg["r"].as_u64().ok_or_else(|| bad("`r` missing"))? as usize,
+            alpha: cfg["lora_alpha"]
+                .as_f64()
+                .ok_or_else(|| bad("`lora_alpha` missing"))?,
+            dropout: 0.0,
+            targets: cfg["target_modules"]
+                .as_array()
+                .ok_or_else(|| bad("`target_modules` must be a list"))?
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect(),
+            rslora: cfg["use_rslora"].as_bool().unwrap_or(false),
+        };
+        let Self::Qwen2(m) = &self;
+        let qcfg = m.config().clone();
+        let weights = dir.join("adapter_model.safetensors");
+        let tensors = hf::read_checkpoint_file(&weights, |name, t| {
+            let name = name
+                .strip_prefix("base_model.model.")
+                .unwrap_or(&name)
+                .replace(".default.", ".");
+            Some(
+                qcfg.from_hf_tensor(name, t)
+                    .expect("adapter tensors are never dropped"),
+            )
+        })?;
+        let model = self.with_adapter(&adapter, 0, device);
+        load_named_subset(model, tensors, device)
+    }
+
     /// Writes the model as a Hugging Face directory that `transformers` loads: `config.json`
     /// plus safetensors (sharded past `max_shard_bytes`). Returns the files written.
     pub fn export_hf(

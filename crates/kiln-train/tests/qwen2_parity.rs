@@ -222,3 +222,44 @@ fn manifest_dir() -> std::path::PathBuf {
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
+
+/// kiln trained LoRA adapters on the round-trip base and exported them with
+/// `kiln export --format peft`; PEFT's `PeftModel.from_pretrained` loaded them onto the base
+/// and wrote its logits (`scripts/make_peft_fixture.sh`). kiln, loading the same base and
+/// adapter directory, must compute the same logits.
+#[test]
+fn peft_reads_kiln_adapters_exactly() {
+    let dir = fixture("peft");
+    let bytes = std::fs::read(dir.join("hf_logits.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let ids_view = st.tensor("input_ids").unwrap();
+    let (b, t) = (ids_view.shape()[0], ids_view.shape()[1]);
+    let ids: Vec<i64> = ids_view
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let want: Vec<f64> = st
+        .tensor("logits")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+        .collect();
+    let device = Default::default();
+    let base = Model::<Flex>::from_hf_dir(&fixture("roundtrip"), &device).unwrap();
+    let input = || Tensor::<Flex, 2, Int>::from_data(TensorData::new(ids.clone(), [b, t]), &device);
+    let without = to_vec(base.clone().forward(input()).logits);
+    let model = base.load_peft_adapter(&dir, &device).unwrap();
+    let got = to_vec(model.forward(input()).logits);
+    let diff = max_abs_diff(&got, &want);
+    let effect = max_abs_diff(&without, &want);
+    eprintln!(
+        "peft: kiln vs PEFT logits max abs diff {diff:.2e} (the adapter itself moves them by {effect:.2e})"
+    );
+    assert!(
+        effect > 1e-3,
+        "the adapter must change the logits for this test to mean anything"
+    );
+    assert!(diff < 1e-5, "logits differ by {diff:e}");
+}
