@@ -131,6 +131,10 @@ enum Command {
         /// Split the weights into shards no larger than this (e.g. `5GB`, `500MB`).
         #[arg(long, default_value = "5GB", value_name = "SIZE")]
         max_shard_size: String,
+        /// For an adapter run with `--format hf`: merge the adapters into the base (an NF4
+        /// base is dequantized first, so its rounding is baked into the merged weights).
+        #[arg(long)]
+        merged: bool,
     },
     /// Generate text from a run's checkpoint or a Hugging Face model directory (KV cache;
     /// greedy by default, sampled with --temperature).
@@ -348,12 +352,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             out,
             checkpoint,
             max_shard_size,
+            merged,
         } => {
             let run = RunDir::open(&run_dir)?;
             let recipe = run.load_recipe(&[])?.recipe;
-            if recipe.adapter.is_some() {
+            if recipe.adapter.is_some() && !merged {
                 bail!(
-                    "`{}` is an adapter run: export its adapters with `--format peft` (a merged export is not implemented yet)",
+                    "`{}` is an adapter run: export its adapters with `--format peft`, or the merged model with `--format hf --merged`",
                     run_dir.display()
                 );
             }
@@ -362,9 +367,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let step = ckpt.state.step;
             // Export only moves weights: the CPU backend serves whatever the run used.
             let device = burn::backend::flex::FlexDevice;
-            let model = kiln_models::Model::<burn::backend::Flex>::with_weights(
-                &recipe, ckpt.model, &device,
-            )?;
+            let model =
+                kiln_models::Model::<burn::backend::Flex>::restore(&recipe, ckpt.model, &device)?
+                    .merged(&device);
             let mut files = model.export_hf(&out, max_shard)?;
             // A run with a Hugging Face tokenizer ships it beside the weights.
             if let (kiln_recipe::TokenizerKind::Hf, Some(path)) =

@@ -291,6 +291,33 @@ impl<B: Backend> Model<B> {
         Ok(vec![weights, path])
     }
 
+    /// The model with every adapter merged into its base, as a plain model.
+    pub fn merged(self, device: &B::Device) -> Self {
+        let Self::Qwen2(mut m) = self;
+        let layers = std::mem::take(&mut m.model.layers);
+        m.model.layers = layers
+            .into_iter()
+            .map(|mut l| {
+                let a = l.self_attn;
+                l.self_attn = qwen2::Attention {
+                    q_proj: a.q_proj.merged(device),
+                    k_proj: a.k_proj.merged(device),
+                    v_proj: a.v_proj.merged(device),
+                    o_proj: a.o_proj.merged(device),
+                    ..a
+                };
+                let f = l.mlp;
+                l.mlp = qwen2::Mlp {
+                    gate_proj: f.gate_proj.merged(device),
+                    up_proj: f.up_proj.merged(device),
+                    down_proj: f.down_proj.merged(device),
+                };
+                l
+            })
+            .collect();
+        Self::Qwen2(m)
+    }
+
     /// Attaches a PEFT LoRA adapter directory (as [`Model::export_peft`] writes it) to this
     /// model, e.g. one loaded with [`Model::from_hf_dir`].
     pub fn load_peft_adapter(self, dir: &Path, device: &B::Device) -> Result<Self, ModelError> {
@@ -350,6 +377,11 @@ impl<B: Backend> Model<B> {
         match self {
             Self::Qwen2(m) => {
                 let cfg = m.config();
+                if named_params(self).keys().any(|k| k.contains(".lora_")) {
+                    return Err(ModelError::Load(
+                        "the model has LoRA adapters: merge them first (`merged`) or export them in PEFT format".to_string(),
+                    ));
+                }
                 let tensors: BTreeMap<String, NamedTensor> = named_params(self)
                     .into_iter()
                     .map(|(n, t)| cfg.to_hf_tensor(n, t))

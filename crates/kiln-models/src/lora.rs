@@ -137,6 +137,25 @@ impl<B: Backend> Proj<B> {
         y
     }
 
+    /// The projection with its adapter merged into an f32 base (`W + A B * scale`, the base
+    /// dequantized first for NF4, which bakes its rounding into the merged weight).
+    pub fn merged(self, device: &B::Device) -> Self {
+        let (Some(a), Some(b)) = (&self.lora_A, &self.lora_B) else {
+            return self;
+        };
+        let delta = a.weight.val().matmul(b.weight.val()).mul_scalar(self.scale); // [in, out]
+        let w = self.base_weight(device) + delta;
+        Self {
+            weight: Some(Param::from_tensor(w)),
+            bias: self.bias,
+            lora_A: None,
+            lora_B: None,
+            lora_dropout: None,
+            nf4: None,
+            scale: 0.0,
+        }
+    }
+
     /// Bytes held by the frozen base weight (NF4 codes and statistics, or f32).
     pub fn base_bytes(&self) -> usize {
         match (&self.weight, &self.nf4) {
