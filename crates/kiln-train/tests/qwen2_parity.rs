@@ -62,6 +62,27 @@ fn to_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
         .collect()
 }
 
+/// `hf_logits.safetensors` written by a fixture script: `(batch, seq, input ids, logits)`.
+fn hf_logits(dir: &Path) -> (usize, usize, Vec<i64>, Vec<f64>) {
+    let bytes = std::fs::read(dir.join("hf_logits.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let ids_view = st.tensor("input_ids").unwrap();
+    let (b, t) = (ids_view.shape()[0], ids_view.shape()[1]);
+    let ids = ids_view
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let logits = st
+        .tensor("logits")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+        .collect();
+    (b, t, ids, logits)
+}
+
 fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
     a.iter()
@@ -190,22 +211,7 @@ fn transformers_reads_kiln_exports_exactly() {
     let check: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("hf_check.json")).unwrap()).unwrap();
     assert_eq!(check["transformers_loaded"], true);
-    let bytes = std::fs::read(dir.join("hf_logits.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let ids_view = st.tensor("input_ids").unwrap();
-    let (b, t) = (ids_view.shape()[0], ids_view.shape()[1]);
-    let ids: Vec<i64> = ids_view
-        .data()
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    let want: Vec<f64> = st
-        .tensor("logits")
-        .unwrap()
-        .data()
-        .chunks_exact(4)
-        .map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
-        .collect();
+    let (b, t, ids, want) = hf_logits(&dir);
     let device = Default::default();
     let model = Model::<Flex>::from_hf_dir(&dir, &device).unwrap();
     let input = Tensor::<Flex, 2, Int>::from_data(TensorData::new(ids, [b, t]), &device);
@@ -230,22 +236,7 @@ fn manifest_dir() -> std::path::PathBuf {
 #[test]
 fn peft_reads_kiln_adapters_exactly() {
     let dir = fixture("peft");
-    let bytes = std::fs::read(dir.join("hf_logits.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let ids_view = st.tensor("input_ids").unwrap();
-    let (b, t) = (ids_view.shape()[0], ids_view.shape()[1]);
-    let ids: Vec<i64> = ids_view
-        .data()
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    let want: Vec<f64> = st
-        .tensor("logits")
-        .unwrap()
-        .data()
-        .chunks_exact(4)
-        .map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
-        .collect();
+    let (b, t, ids, want) = hf_logits(&dir);
     let device = Default::default();
     let base = Model::<Flex>::from_hf_dir(&fixture("roundtrip"), &device).unwrap();
     let input = || Tensor::<Flex, 2, Int>::from_data(TensorData::new(ids.clone(), [b, t]), &device);
