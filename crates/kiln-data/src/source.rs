@@ -151,6 +151,26 @@ fn flush_block(block: &mut String, file: &Path, line: usize, docs: &mut Vec<Docu
     block.clear();
 }
 
+/// Parses one JSONL line as an object (`None` for a blank line), errors naming file:line.
+fn parse_row(
+    line: &str,
+    file: &Path,
+    line_no: usize,
+) -> Result<Option<serde_json::Map<String, serde_json::Value>>, DataError> {
+    if line.trim().is_empty() {
+        return Ok(None);
+    }
+    let err = |message: String| DataError::Json {
+        path: file.to_path_buf(),
+        line: line_no,
+        message,
+    };
+    match serde_json::from_str::<serde_json::Value>(line).map_err(|e| err(e.to_string()))? {
+        serde_json::Value::Object(map) => Ok(Some(map)),
+        _ => Err(err("expected a JSON object".to_string())),
+    }
+}
+
 fn read_jsonl(
     text: &str,
     file: &Path,
@@ -159,19 +179,9 @@ fn read_jsonl(
 ) -> Result<(), DataError> {
     for (i, line) in text.lines().enumerate() {
         let line_no = i + 1;
-        if line.trim().is_empty() {
+        let Some(obj) = parse_row(line, file, line_no)? else {
             continue;
-        }
-        let value: serde_json::Value = serde_json::from_str(line).map_err(|e| DataError::Json {
-            path: file.to_path_buf(),
-            line: line_no,
-            message: e.to_string(),
-        })?;
-        let obj = value.as_object().ok_or_else(|| DataError::Json {
-            path: file.to_path_buf(),
-            line: line_no,
-            message: "expected a JSON object".to_string(),
-        })?;
+        };
         let text = match obj.get(field) {
             None => {
                 return Err(DataError::MissingField {
@@ -211,19 +221,14 @@ fn read_chat_jsonl(
 ) -> Result<(), DataError> {
     for (i, line) in text.lines().enumerate() {
         let line_no = i + 1;
-        if line.trim().is_empty() {
+        let Some(mut obj) = parse_row(line, file, line_no)? else {
             continue;
-        }
+        };
         let json_err = |message: String| DataError::Json {
             path: file.to_path_buf(),
             line: line_no,
             message,
         };
-        let mut value: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| json_err(e.to_string()))?;
-        let obj = value
-            .as_object_mut()
-            .ok_or_else(|| json_err("expected a JSON object".to_string()))?;
         let messages = obj
             .remove(messages_field)
             .ok_or_else(|| DataError::MissingField {

@@ -377,7 +377,7 @@ impl<B: Backend> Model<B> {
         match self {
             Self::Qwen2(m) => {
                 let cfg = m.config();
-                if named_params(self).keys().any(|k| k.contains(".lora_")) {
+                if param_shapes(self).keys().any(|k| k.contains(".lora_")) {
                     return Err(ModelError::Load(
                         "the model has LoRA adapters: merge them first (`merged`) or export them in PEFT format".to_string(),
                     ));
@@ -522,25 +522,15 @@ impl<B: Backend> ModuleMapper<B> for Freeze {
 
 /// The parameters that train (require gradients), by checkpoint name.
 pub fn trainable_params<B: Backend, M: Module<B>>(module: &M) -> BTreeMap<String, NamedTensor> {
-    struct Trainable(PathStack, Vec<String>);
-    impl<B: Backend> ModuleVisitor<B> for Trainable {
-        fn enter_module(&mut self, name: &str, container_type: &str) {
-            self.0.enter(name, container_type);
-        }
-        fn exit_module(&mut self, name: &str, container_type: &str) {
-            self.0.exit(name, container_type);
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            if param.is_require_grad() {
-                self.1.push(self.0.path());
-            }
-        }
-    }
-    let mut t = Trainable(PathStack::default(), Vec::new());
-    module.visit(&mut t);
-    let mut all = named_params(module);
-    all.retain(|k, _| t.1.contains(k));
-    all
+    // Frozen parameters (a whole base model) are skipped before their values are read:
+    // this runs at every checkpoint.
+    let mut c = Collect {
+        path: PathStack::default(),
+        out: BTreeMap::new(),
+        only_trainable: true,
+    };
+    module.visit(&mut c);
+    c.out
 }
 
 /// A parameter's values, host side.
@@ -582,6 +572,7 @@ impl PathStack {
 struct Collect {
     path: PathStack,
     out: BTreeMap<String, NamedTensor>,
+    only_trainable: bool,
 }
 
 impl<B: Backend> ModuleVisitor<B> for Collect {
@@ -594,6 +585,9 @@ impl<B: Backend> ModuleVisitor<B> for Collect {
     }
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if self.only_trainable && !param.is_require_grad() {
+            return;
+        }
         let data = param.val().into_data().convert::<f32>();
         let shape = data.shape.to_vec();
         let values = data.into_vec::<f32>().expect("converted to f32");
@@ -607,6 +601,7 @@ pub fn named_params<B: Backend, M: Module<B>>(module: &M) -> BTreeMap<String, Na
     let mut c = Collect {
         path: PathStack::default(),
         out: BTreeMap::new(),
+        only_trainable: false,
     };
     module.visit(&mut c);
     c.out
