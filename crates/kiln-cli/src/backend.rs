@@ -3,7 +3,7 @@
 
 use anyhow::{Result, bail};
 use burn::backend::{Autodiff, Flex, NdArray};
-use burn::tensor::backend::AutodiffBackend;
+use kiln_models::KilnAutodiffBackend;
 
 use kiln_recipe::{BackendKind, Recipe};
 
@@ -12,7 +12,7 @@ pub trait Job {
     /// What the job returns.
     type Output;
     /// Runs the job on backend `B` (an autodiff backend; `B::InnerBackend` for inference).
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<Self::Output>;
+    fn run<B: KilnAutodiffBackend>(self, device: B::Device) -> Result<Self::Output>;
 }
 
 /// Runs `job` on the recipe's backend and device.

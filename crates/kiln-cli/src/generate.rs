@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::backend::AutodiffBackend;
+use kiln_models::KilnAutodiffBackend;
 use serde_json::json;
 
 use kiln_data::chat::{Message, parse_tool_calls, render};
@@ -189,7 +189,7 @@ struct GenerateJob<'a> {
 impl Job for GenerateJob<'_> {
     type Output = kiln_models::generate::Generation;
 
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<Self::Output> {
+    fn run<B: KilnAutodiffBackend>(self, device: B::Device) -> Result<Self::Output> {
         // Decoding needs no gradients: build the model on the inner backend.
         let model: Model<B::InnerBackend> = match self.source {
             Source::Run { recipe, dir } => {

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::backend::AutodiffBackend;
 use clap::{Parser, Subcommand};
+use kiln_models::KilnAutodiffBackend;
 
 use kiln_recipe::{Recipe, diff_keys};
 use kiln_train::checkpoint::{find_checkpoint, newest_valid_checkpoint, remove_stale_temporaries};
@@ -532,7 +532,7 @@ struct TrainJob<'a> {
 impl Job for TrainJob<'_> {
     type Output = Outcome;
 
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<Outcome> {
+    fn run<B: KilnAutodiffBackend>(self, device: B::Device) -> Result<Outcome> {
         let mut progress = Progress::new();
         let control = Control {
             stop: &self.stop,
@@ -559,7 +559,7 @@ struct EvalJob<'a> {
 impl Job for EvalJob<'_> {
     type Output = kiln_train::EvalMetrics;
 
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<Self::Output> {
+    fn run<B: KilnAutodiffBackend>(self, device: B::Device) -> Result<Self::Output> {
         Ok(kiln_train::evaluate_checkpoint::<B::InnerBackend>(
             &device,
             self.recipe,

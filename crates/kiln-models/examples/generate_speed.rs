@@ -13,16 +13,15 @@
 use std::path::Path;
 
 use burn::backend::{Flex, NdArray};
-use burn::prelude::*;
 
-use kiln_models::{GenerateOptions, Generation, Model, generate};
+use kiln_models::{GenerateOptions, Generation, KilnBackend, Model, generate};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
-fn bench<B: Backend>(backend: &str, dir: &Path, prompt_len: usize, new: usize, runs: usize) {
+fn bench<B: KilnBackend>(backend: &str, dir: &Path, prompt_len: usize, new: usize, runs: usize) {
     let device = Default::default();
     let model = Model::<B>::from_hf_dir(dir, &device)
         .unwrap_or_else(|e| panic!("cannot load `{}`: {e}", dir.display()));

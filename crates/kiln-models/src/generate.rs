@@ -21,7 +21,7 @@ use burn::prelude::*;
 
 use kiln_recipe::rng::SplitMix64;
 
-use crate::Model;
+use crate::{KilnBackend, Model};
 
 /// How to generate.
 #[derive(Debug, Clone, PartialEq)]
@@ -108,7 +108,7 @@ pub enum GenerateError {
 ///
 /// Use a model on a backend without autodiff (`model.valid()`), or every step would be
 /// recorded for a backward pass that never comes.
-pub fn generate<B: Backend>(
+pub fn generate<B: KilnBackend>(
     model: &Model<B>,
     prompt: &[u32],
     opts: &GenerateOptions,
@@ -143,7 +143,7 @@ pub fn generate<B: Backend>(
 
 /// The decoding loop, whatever the family: `step` runs new tokens `[1, seq]` against the
 /// family's cache and returns their logits `[1, seq, vocab]`.
-fn decode<B: Backend>(
+fn decode<B: KilnBackend>(
     prompt: &[u32],
     opts: &GenerateOptions,
     device: &B::Device,

@@ -4,7 +4,7 @@
 //! tensor's checkpoint name, so a model initializes identically on every backend and
 //! independently of the order in which modules are built.
 
-use burn::module::Param;
+use burn::module::{Param, ParamId};
 use burn::nn::Linear;
 use burn::prelude::*;
 use kiln_recipe::rng::SplitMix64;
@@ -33,7 +33,8 @@ impl Init {
         rng
     }
 
-    /// A `N(0, std)` parameter named `name`.
+    /// A `N(0, std)` parameter named `name`, drawn lazily: a weight that is loaded from
+    /// a checkpoint (or quantized) before its first use is never drawn or allocated.
     pub fn normal<B: Backend, const D: usize>(
         &self,
         name: &str,
@@ -41,10 +42,21 @@ impl Init {
         std: f64,
         device: &B::Device,
     ) -> Param<Tensor<B, D>> {
-        let n: usize = shape.iter().product();
-        let mut rng = self.rng(name);
-        let values: Vec<f32> = (0..n).map(|_| (rng.next_normal() * std) as f32).collect();
-        Param::from_tensor(Tensor::from_data(TensorData::new(values, shape), device))
+        let this = *self;
+        let name = name.to_string();
+        Param::uninitialized(
+            ParamId::new(),
+            move |device, require_grad| {
+                let n: usize = shape.iter().product();
+                let mut rng = this.rng(&name);
+                let values: Vec<f32> = (0..n).map(|_| (rng.next_normal() * std) as f32).collect();
+                Tensor::from_data(TensorData::new(values, shape), device)
+                    .set_require_grad(require_grad)
+            },
+            device.clone(),
+            true,
+            shape.into(),
+        )
     }
 
     /// A `U(-bound, bound)` tensor named `name`.

@@ -8,6 +8,7 @@
 //! built from the module field names by [`named_params`]; [`load_named`] puts tensors back
 //! and reports every missing, unused or mis-shaped name.
 
+pub mod backend;
 pub mod generate;
 pub mod hf;
 pub mod init;
@@ -23,6 +24,7 @@ use burn::prelude::*;
 
 use kiln_recipe::{AdapterKind, AdapterSection, InitKind, ModelFamily, Recipe};
 
+pub use backend::{KilnAutodiffBackend, KilnBackend};
 pub use generate::{GenerateError, GenerateOptions, Generation, generate};
 pub use init::Init;
 pub use qwen2::{KvCache, Qwen2Config, Qwen2ForCausalLM};
@@ -79,17 +81,48 @@ pub struct ModelOutput<B: Backend> {
     pub aux_losses: Vec<(String, Tensor<B, 1>)>,
 }
 
+/// The size of an adapter run's frozen base projections.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BaseFootprint {
+    /// Weights under adapters.
+    pub weights: u64,
+    /// Bytes they hold.
+    pub bytes: u64,
+    /// Whether they are NF4.
+    pub nf4: bool,
+}
+
+impl BaseFootprint {
+    /// Bytes per weight.
+    pub fn bytes_per_weight(&self) -> f64 {
+        self.bytes as f64 / self.weights.max(1) as f64
+    }
+}
+
 /// Every model family kiln trains.
 #[derive(Module, Debug)]
-pub enum Model<B: Backend> {
+pub enum Model<B: KilnBackend> {
     /// A Qwen2 decoder.
     Qwen2(Qwen2ForCausalLM<B>),
 }
 
-impl<B: Backend> Model<B> {
+impl<B: KilnBackend> Model<B> {
     /// Builds the recipe's model: random weights from `run.seed`, or pretrained weights
     /// from the family's `hf_dir`.
     pub fn from_recipe(recipe: &Recipe, device: &B::Device) -> Result<Self, ModelError> {
+        Self::build(recipe, device, None)
+    }
+
+    /// [`Model::from_recipe`], optionally with a QLoRA adapter attached: then every targeted
+    /// base weight is quantized to NF4 as it is read from the checkpoint, so loading never
+    /// holds more than one f32 weight beyond the unquantized rest of the model (the
+    /// embedding, norms and head), and targeted weights of the random initialization are
+    /// never drawn.
+    fn build(
+        recipe: &Recipe,
+        device: &B::Device,
+        qlora: Option<&AdapterSection>,
+    ) -> Result<Self, ModelError> {
         let init = Init::new(recipe.run.seed);
         match ModelSpec::from_recipe(recipe)? {
             ModelSpec::Qwen2(cfg) => {
@@ -99,15 +132,50 @@ impl<B: Backend> Model<B> {
                     .as_ref()
                     .ok_or(ModelError::MissingConfig("qwen2"))?;
                 let model = Self::Qwen2(cfg.init(&init, device));
-                match (section.init_kind(), &section.hf_dir) {
-                    (InitKind::Pretrained, Some(dir)) => {
-                        let tensors =
-                            hf::read_checkpoint(Path::new(dir), |n, t| cfg.from_hf_tensor(n, t))?;
-                        load_named(model, tensors, device)
-                            .map_err(|e| ModelError::Load(format!("`{dir}`: {e}")))
+                let (InitKind::Pretrained, Some(dir)) = (section.init_kind(), &section.hf_dir)
+                else {
+                    return Ok(match qlora {
+                        Some(a) => model.with_adapter(a, recipe.run.seed, device),
+                        None => model,
+                    });
+                };
+                let mut quantized = BTreeMap::new();
+                let tensors = hf::read_checkpoint(Path::new(dir), |n, t| {
+                    if let Some(module) = n.strip_suffix(".weight")
+                        && qlora.is_some_and(|a| is_target(module, a))
+                        && t.shape.len() == 2
+                    {
+                        // Hugging Face layout [out, in], as bitsandbytes quantizes it.
+                        let q = nf4::Nf4Tensor::quantize(&t.values, &t.shape);
+                        quantized.insert(module.to_string(), std::sync::Arc::new(q));
+                        return None;
                     }
-                    _ => Ok(model),
+                    cfg.from_hf_tensor(n, t)
+                })?;
+                let mut mismatched = Vec::new();
+                let model = match qlora {
+                    Some(a) => model.with_adapter_on(
+                        a,
+                        recipe.run.seed,
+                        device,
+                        &mut quantized,
+                        &mut mismatched,
+                    ),
+                    None => model,
+                };
+                mismatched.extend(
+                    quantized
+                        .keys()
+                        .map(|m| format!("{m}.weight: not a projection of this model")),
+                );
+                if !mismatched.is_empty() {
+                    return Err(ModelError::Load(format!(
+                        "`{dir}`: weights do not match the model:\n  {}",
+                        mismatched.join("\n  ")
+                    )));
                 }
+                load_checked(model, tensors, device, Require::AllButAdapters)
+                    .map_err(|e| ModelError::Load(format!("`{dir}`: {e}")))
             }
         }
     }
@@ -130,6 +198,19 @@ impl<B: Backend> Model<B> {
     /// parameter; `qlora` also quantizes the targeted base weights to NF4. `A` is drawn
     /// from `seed` by parameter name (kaiming-uniform with a = sqrt(5), as PEFT), `B` is zero.
     pub fn with_adapter(self, adapter: &AdapterSection, seed: u64, device: &B::Device) -> Self {
+        self.with_adapter_on(adapter, seed, device, &mut BTreeMap::new(), &mut Vec::new())
+    }
+
+    /// [`Model::with_adapter`], taking a target's NF4 base from `quantized` (by module
+    /// name) when it is there instead of quantizing the module's own weight.
+    fn with_adapter_on(
+        self,
+        adapter: &AdapterSection,
+        seed: u64,
+        device: &B::Device,
+        quantized: &mut BTreeMap<String, std::sync::Arc<nf4::Nf4Tensor>>,
+        mismatched: &mut Vec<String>,
+    ) -> Self {
         let init = Init::new(seed);
         let scale = if adapter.rslora {
             adapter.alpha / (adapter.rank as f64).sqrt()
@@ -142,12 +223,23 @@ impl<B: Backend> Model<B> {
             dropout: adapter.dropout,
             nf4: adapter.kind == AdapterKind::Qlora,
         };
-        let targets: Vec<&str> = adapter.targets.iter().map(String::as_str).collect();
-        let attach = |p: lora::Proj<B>, name: String| -> lora::Proj<B> {
-            let target = name.rsplit('.').next().unwrap_or_default();
-            if !targets.contains(&target) {
+        let mut attach = |p: lora::Proj<B>, name: String| -> lora::Proj<B> {
+            if !is_target(&name, adapter) {
                 return p;
             }
+            let p = match quantized.remove(&name) {
+                Some(q) if q.shape == [p.dims()[1], p.dims()[0]] => p.with_nf4_base(q),
+                Some(q) => {
+                    let [inp, out] = p.dims();
+                    mismatched.push(format!(
+                        "{name}.weight: expected shape {:?}, found {:?}",
+                        [out, inp],
+                        q.shape
+                    ));
+                    p
+                }
+                None => p,
+            };
             let [inp, _] = p.dims();
             let bound = 1.0 / (inp as f64).sqrt();
             let a = init.uniform(
@@ -191,10 +283,10 @@ impl<B: Backend> Model<B> {
 
     /// The model a recipe trains: [`Model::from_recipe`], with the `[adapter]` attached.
     pub fn for_training(recipe: &Recipe, device: &B::Device) -> Result<Self, ModelError> {
-        let model = Self::from_recipe(recipe, device)?;
         let model = match &recipe.adapter {
-            Some(a) => model.with_adapter(a, recipe.run.seed, device),
-            None => model,
+            Some(a) if a.kind == AdapterKind::Qlora => Self::build(recipe, device, Some(a))?,
+            Some(a) => Self::from_recipe(recipe, device)?.with_adapter(a, recipe.run.seed, device),
+            None => Self::from_recipe(recipe, device)?,
         };
         Ok(model.with_neftune(recipe.train.neftune_alpha))
     }
@@ -398,6 +490,39 @@ impl<B: Backend> Model<B> {
                 Ok(files)
             }
         }
+    }
+
+    /// The frozen base under the adapters: how many weights it has and the bytes they hold
+    /// (NF4 codes and statistics for QLoRA, f32 for LoRA); `None` without adapters.
+    pub fn adapter_base(&self) -> Option<BaseFootprint> {
+        let projs: Vec<&lora::Proj<B>> = match self {
+            Self::Qwen2(m) => m
+                .model
+                .layers
+                .iter()
+                .flat_map(|l| {
+                    let (a, f) = (&l.self_attn, &l.mlp);
+                    [
+                        &a.q_proj,
+                        &a.k_proj,
+                        &a.v_proj,
+                        &a.o_proj,
+                        &f.gate_proj,
+                        &f.up_proj,
+                        &f.down_proj,
+                    ]
+                })
+                .filter(|p| p.lora_A.is_some())
+                .collect(),
+        };
+        (!projs.is_empty()).then(|| BaseFootprint {
+            weights: projs
+                .iter()
+                .map(|p| p.dims().iter().product::<usize>() as u64)
+                .sum(),
+            bytes: projs.iter().map(|p| p.base_bytes() as u64).sum(),
+            nf4: projs.iter().all(|p| p.nf4.is_some()),
+        })
     }
 
     /// Logits and auxiliary losses.
@@ -645,26 +770,23 @@ impl<B: Backend> ModuleMapper<B> for Load<'_, B> {
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let name = self.path.path();
-        let (id, tensor, mapper) = param.consume();
         let Some(loaded) = self.tensors.remove(&name) else {
             self.missing.push(name);
-            return Param::from_mapped_value(id, tensor, mapper);
+            return param;
         };
-        let expected = tensor.dims().to_vec();
+        // The shape without initializing a lazy parameter: a loaded weight is never drawn.
+        let expected = param.lazy_shape().to_vec();
         if loaded.shape != expected {
             self.mismatched.push(format!(
                 "{name}: expected shape {expected:?}, found {:?}",
                 loaded.shape
             ));
-            return Param::from_mapped_value(id, tensor, mapper);
+            return param;
         }
-        let require_grad = tensor.is_require_grad();
-        let mut new =
+        let id = param.id;
+        let new =
             Tensor::<B, D>::from_data(TensorData::new(loaded.values, loaded.shape), &self.device);
-        if require_grad {
-            new = new.require_grad();
-        }
-        Param::from_mapped_value(id, new, mapper)
+        param.transform_for_load(new, id)
     }
 }
 
@@ -675,7 +797,7 @@ pub fn load_named_subset<B: Backend, M: Module<B>>(
     tensors: BTreeMap<String, NamedTensor>,
     device: &B::Device,
 ) -> Result<M, ModelError> {
-    load_checked(module, tensors, device, false)
+    load_checked(module, tensors, device, Require::Named)
 }
 
 /// Replaces every float parameter by the tensor of the same name.
@@ -687,14 +809,35 @@ pub fn load_named<B: Backend, M: Module<B>>(
     tensors: BTreeMap<String, NamedTensor>,
     device: &B::Device,
 ) -> Result<M, ModelError> {
-    load_checked(module, tensors, device, true)
+    load_checked(module, tensors, device, Require::All)
+}
+
+/// Which parameters a load must cover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Require {
+    /// Every parameter.
+    All,
+    /// Every parameter but freshly attached adapters.
+    AllButAdapters,
+    /// Only those named.
+    Named,
+}
+
+/// Whether the module `name` (`model.layers.0.self_attn.q_proj`) is one of the adapter's
+/// targets.
+fn is_target(name: &str, adapter: &AdapterSection) -> bool {
+    name.starts_with("model.layers.")
+        && adapter
+            .targets
+            .iter()
+            .any(|t| name.rsplit('.').next() == Some(t.as_str()))
 }
 
 fn load_checked<B: Backend, M: Module<B>>(
     module: M,
     mut tensors: BTreeMap<String, NamedTensor>,
     device: &B::Device,
-    require_all: bool,
+    require: Require,
 ) -> Result<M, ModelError> {
     let mut load = Load::<B> {
         path: PathStack::default(),
@@ -704,10 +847,14 @@ fn load_checked<B: Backend, M: Module<B>>(
         mismatched: Vec::new(),
     };
     let module = module.map(&mut load);
-    let missing = if require_all {
-        load.missing
-    } else {
-        Vec::new()
+    let missing = match require {
+        Require::All => load.missing,
+        Require::AllButAdapters => load
+            .missing
+            .into_iter()
+            .filter(|n| !n.contains(".lora_"))
+            .collect(),
+        Require::Named => Vec::new(),
     };
     let mismatched = load.mismatched;
     let unused: Vec<String> = tensors.into_keys().collect();

@@ -18,12 +18,14 @@ use std::sync::Arc;
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Linear};
 use burn::prelude::*;
+use burn::tensor::TensorPrimitive;
 
+use crate::backend::KilnBackend;
 use crate::nf4::Nf4Tensor;
 
 /// A linear projection: f32 or NF4 base, optional LoRA adapter.
 #[derive(Module, Debug)]
-pub struct Proj<B: Backend> {
+pub struct Proj<B: KilnBackend> {
     /// Base weight `[in, out]`; absent when the base is NF4.
     pub weight: Option<Param<Tensor<B, 2>>>,
     /// Base bias `[out]`.
@@ -42,7 +44,7 @@ pub struct Proj<B: Backend> {
     pub scale: f64,
 }
 
-impl<B: Backend> From<Linear<B>> for Proj<B> {
+impl<B: KilnBackend> From<Linear<B>> for Proj<B> {
     fn from(l: Linear<B>) -> Self {
         Self {
             weight: Some(l.weight),
@@ -69,11 +71,12 @@ pub struct LoraSpec {
     pub nf4: bool,
 }
 
-impl<B: Backend> Proj<B> {
+impl<B: KilnBackend> Proj<B> {
     /// `[in, out]` of the projection.
     pub fn dims(&self) -> [usize; 2] {
         match (&self.weight, &self.nf4) {
-            (Some(w), _) => w.val().dims(),
+            // The shape without materializing a lazily initialized weight.
+            (Some(w), _) => w.lazy_shape().dims::<2>(),
             (None, Some(q)) => [q.shape[1], q.shape[0]],
             (None, None) => [0, 0],
         }
@@ -90,6 +93,14 @@ impl<B: Backend> Proj<B> {
             }
             (None, None) => unreachable!("a projection always has a base"),
         }
+    }
+
+    /// Replaces the base weight by an already quantized one (Hugging Face layout
+    /// `[out, in]`); the f32 weight is dropped without ever being materialized.
+    pub fn with_nf4_base(mut self, q: Arc<Nf4Tensor>) -> Self {
+        self.weight = None;
+        self.nf4 = Some(q);
+        self
     }
 
     /// Attaches a LoRA adapter (A from `a_init`, B zero) and freezes the base; with
@@ -124,9 +135,29 @@ impl<B: Backend> Proj<B> {
     /// # Shapes
     /// - x: `[..., in]` -> `[..., out]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let device = x.device();
-        let w = self.base_weight(&device);
-        let mut y = burn::tensor::module::linear(x.clone(), w, self.bias.as_ref().map(|b| b.val()));
+        let mut y = match (&self.weight, &self.nf4) {
+            (Some(w), _) => burn::tensor::module::linear(
+                x.clone(),
+                w.val(),
+                self.bias.as_ref().map(|b| b.val()),
+            ),
+            (None, Some(q)) => {
+                let dims = x.dims();
+                let inp = dims[D - 1];
+                let rows = x.shape().num_elements() / inp;
+                let flat = x.clone().reshape([rows, inp]).into_primitive().tensor();
+                let y =
+                    Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(B::nf4_linear(flat, q)));
+                let mut out = dims;
+                out[D - 1] = q.shape[0];
+                let y = y.reshape(out);
+                match &self.bias {
+                    Some(b) => y + b.val().unsqueeze(),
+                    None => y,
+                }
+            }
+            (None, None) => unreachable!("a projection always has a base"),
+        };
         if let (Some(a), Some(b)) = (&self.lora_A, &self.lora_B) {
             let x = match &self.lora_dropout {
                 Some(d) => d.forward(x),
@@ -144,7 +175,7 @@ impl<B: Backend> Proj<B> {
             return self;
         };
         let delta = a.weight.val().matmul(b.weight.val()).mul_scalar(self.scale); // [in, out]
-        let w = self.base_weight(device) + delta;
+        let w = (self.base_weight(device) + delta).detach();
         Self {
             weight: Some(Param::from_tensor(w)),
             bias: self.bias,
@@ -159,7 +190,7 @@ impl<B: Backend> Proj<B> {
     /// Bytes held by the frozen base weight (NF4 codes and statistics, or f32).
     pub fn base_bytes(&self) -> usize {
         match (&self.weight, &self.nf4) {
-            (Some(w), _) => w.val().shape().num_elements() * 4,
+            (Some(w), _) => w.lazy_shape().num_elements() * 4,
             (None, Some(q)) => q.bytes(),
             (None, None) => 0,
         }

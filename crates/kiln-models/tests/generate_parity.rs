@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use burn::backend::{Flex, NdArray};
 use burn::prelude::*;
 
-use kiln_models::{GenerateOptions, Model, generate};
+use kiln_models::{GenerateOptions, KilnBackend, Model, generate};
 
 fn fixture(name: &str) -> PathBuf {
     manifest_dir().join("../../tests/fixtures/qwen2").join(name)
@@ -32,7 +32,7 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
 }
 
 /// kiln's logits after `seq`, from one uncached forward pass.
-fn last_logits<B: Backend>(model: &Model<B>, seq: &[u32], device: &B::Device) -> Vec<f32> {
+fn last_logits<B: KilnBackend>(model: &Model<B>, seq: &[u32], device: &B::Device) -> Vec<f32> {
     let t = seq.len();
     let data: Vec<i64> = seq.iter().map(|&x| i64::from(x)).collect();
     let logits = model
@@ -48,7 +48,7 @@ fn last_logits<B: Backend>(model: &Model<B>, seq: &[u32], device: &B::Device) ->
         .unwrap()
 }
 
-fn check<B: Backend>(name: &str, device: &B::Device) {
+fn check<B: KilnBackend>(name: &str, device: &B::Device) {
     let dir = fixture(name);
     let text = std::fs::read_to_string(dir.join("generate.json"))
         .unwrap_or_else(|e| panic!("{name}: generate.json: {e}"));
@@ -98,7 +98,7 @@ fn check<B: Backend>(name: &str, device: &B::Device) {
     );
 }
 
-fn all<B: Backend>() {
+fn all<B: KilnBackend>() {
     let device = Default::default();
     for name in ["tied_gqa1", "untied_gqa4", "bf16_gqa2", "sharded_tied"] {
         check::<B>(name, &device);

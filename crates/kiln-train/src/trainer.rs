@@ -6,10 +6,9 @@ use std::time::Instant;
 
 use burn::module::AutodiffModule;
 use burn::prelude::*;
-use burn::tensor::backend::AutodiffBackend;
 
 use kiln_data::{Batch, DataPipeline, Tokenizer};
-use kiln_models::{Model, ModelSpec, trainable_params};
+use kiln_models::{KilnAutodiffBackend, KilnBackend, Model, ModelSpec, trainable_params};
 use kiln_recipe::Recipe;
 
 use crate::checkpoint::{Checkpoint, TrainState, write_checkpoint};
@@ -38,7 +37,7 @@ fn phase_of(phase_steps: &[u64], step: u64) -> (usize, u64, u64) {
 }
 
 /// Loss, perplexity and bits per byte of a model on the recipe's held-out data.
-fn evaluate<B: Backend>(
+fn evaluate<B: KilnBackend>(
     model: &Model<B>,
     batches: &[Batch],
     tokenizer: &dyn Tokenizer,
@@ -79,7 +78,7 @@ fn evaluate<B: Backend>(
 }
 
 /// Evaluates a checkpoint of a run on its held-out data.
-pub fn evaluate_checkpoint<B: Backend>(
+pub fn evaluate_checkpoint<B: KilnBackend>(
     device: &B::Device,
     recipe: &Recipe,
     checkpoint: Checkpoint,
@@ -118,7 +117,7 @@ pub struct Control<'a> {
 /// Returns when every phase is done, when `control.stop` is raised or the session's step
 /// budget is spent (after finishing the current step and writing a checkpoint), or at the
 /// wall-time limit.
-pub fn train<B: AutodiffBackend>(
+pub fn train<B: KilnAutodiffBackend>(
     device: &B::Device,
     recipe: &Recipe,
     run: &RunDir,
@@ -181,6 +180,16 @@ pub fn train<B: AutodiffBackend>(
             }
         }
     };
+    if let Some(base) = model.adapter_base() {
+        observer.event(Event::Info(format!(
+            "frozen base: {} weights under adapters in {:.1} MB ({:.3} bytes per weight, {}); {} trainable adapter parameters",
+            base.weights,
+            base.bytes as f64 / 1e6,
+            base.bytes_per_weight(),
+            if base.nf4 { "NF4 + double-quantized absmax" } else { "f32" },
+            trainable_params(&model).values().map(|t| t.values.len()).sum::<usize>(),
+        )));
+    }
     // Rows past the starting step were written by a session that died before its next
     // checkpoint (or, starting from zero, before any): they are replayed, so drop them.
     let mut metrics = MetricsLog::open(run.path(), state.step)?;
@@ -391,7 +400,21 @@ pub fn train<B: AutodiffBackend>(
     }
     checkpoint(&state, &model, &optim, observer)?;
     run.write_status(RunStatus::Finished, state.step, None)?;
+    if let Some(peak) = peak_resident_bytes() {
+        observer.event(Event::Info(format!(
+            "peak resident memory: {:.1} MB",
+            peak as f64 / 1e6
+        )));
+    }
     Ok(Outcome::Finished)
+}
+
+/// The process's peak resident set size (`VmHWM`), where the OS reports it (Linux).
+fn peak_resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 fn fail(run: &RunDir, step: u64, err: TrainError) -> Result<Outcome, TrainError> {

@@ -16,10 +16,9 @@ use std::path::{Path, PathBuf};
 use burn::backend::{Autodiff, Flex, NdArray};
 use burn::module::AutodiffModule;
 use burn::prelude::*;
-use burn::tensor::backend::AutodiffBackend;
 
 use kiln_data::Batch;
-use kiln_models::Model;
+use kiln_models::{KilnAutodiffBackend, Model};
 use kiln_train::loss::{input_tensor, masked_nll};
 use kiln_train::optim::GradAccumulator;
 
@@ -102,7 +101,7 @@ fn transpose(v: &[f64], rows: usize, cols: usize) -> Vec<f64> {
     out
 }
 
-fn check<B: AutodiffBackend>(name: &str, device: B::Device) {
+fn check<B: KilnAutodiffBackend>(name: &str, device: B::Device) {
     let dir = fixture(name);
     let exp = expected(&dir);
     let model = Model::<B>::from_hf_dir(&dir, &device).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -186,7 +185,7 @@ fn check<B: AutodiffBackend>(name: &str, device: B::Device) {
     assert!(checked >= 5, "{name}: only {checked} gradients checked");
 }
 
-fn all<B: AutodiffBackend>(device: B::Device) {
+fn all<B: KilnAutodiffBackend>(device: B::Device) {
     for name in ["tied_gqa1", "untied_gqa4", "bf16_gqa2", "sharded_tied"] {
         check::<B>(name, device.clone());
     }

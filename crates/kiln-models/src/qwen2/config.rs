@@ -4,12 +4,12 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::prelude::*;
 use serde::Deserialize;
 
 use kiln_recipe::Qwen2Section;
 
 use super::{Attention, DecoderLayer, Mlp, Qwen2ForCausalLM, Qwen2Model, RmsNorm};
+use crate::KilnBackend;
 use crate::init::Init;
 use crate::{ModelError, NamedTensor};
 
@@ -353,7 +353,7 @@ impl Qwen2Config {
     }
 
     /// Builds the model with random weights drawn from `init`.
-    pub fn init<B: Backend>(&self, init: &Init, device: &B::Device) -> Qwen2ForCausalLM<B> {
+    pub fn init<B: KilnBackend>(&self, init: &Init, device: &B::Device) -> Qwen2ForCausalLM<B> {
         let std = self.initializer_range;
         let h = self.hidden_size;
         let d = self.head_dim();

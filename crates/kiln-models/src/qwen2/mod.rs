@@ -17,6 +17,7 @@
 use burn::module::{Module, Param};
 use burn::nn::Linear;
 
+use crate::KilnBackend;
 use crate::lora::Proj;
 use burn::prelude::*;
 use burn::tensor::activation::{silu, softmax};
@@ -29,14 +30,14 @@ pub use config::{HfQwen2Config, Qwen2Config};
 
 /// Root-mean-square layer norm with a learned scale (`weight`, as in the checkpoints).
 #[derive(Module, Debug)]
-pub struct RmsNorm<B: Backend> {
+pub struct RmsNorm<B: KilnBackend> {
     /// Scale, `[hidden]`, initialized to ones.
     pub weight: Param<Tensor<B, 1>>,
     /// Epsilon added to the mean square.
     pub eps: f64,
 }
 
-impl<B: Backend> RmsNorm<B> {
+impl<B: KilnBackend> RmsNorm<B> {
     /// A norm of width `dim` with unit scale.
     pub fn new(dim: usize, eps: f64, device: &B::Device) -> Self {
         Self {
@@ -55,7 +56,7 @@ impl<B: Backend> RmsNorm<B> {
 
 /// Grouped-query self-attention.
 #[derive(Module, Debug)]
-pub struct Attention<B: Backend> {
+pub struct Attention<B: KilnBackend> {
     /// `[hidden, heads * head_dim]`, with bias.
     pub q_proj: Proj<B>,
     /// `[hidden, kv_heads * head_dim]`, with bias.
@@ -72,7 +73,7 @@ pub struct Attention<B: Backend> {
     pub head_dim: usize,
 }
 
-impl<B: Backend> Attention<B> {
+impl<B: KilnBackend> Attention<B> {
     /// # Shapes
     /// - x: `[batch, seq, hidden]`
     /// - rope: cos and sin, each `[seq, head_dim]`
@@ -180,7 +181,7 @@ impl<B: Backend> Attention<B> {
 
 /// SwiGLU feed-forward block.
 #[derive(Module, Debug)]
-pub struct Mlp<B: Backend> {
+pub struct Mlp<B: KilnBackend> {
     /// `[hidden, intermediate]`.
     pub gate_proj: Proj<B>,
     /// `[hidden, intermediate]`.
@@ -189,7 +190,7 @@ pub struct Mlp<B: Backend> {
     pub down_proj: Proj<B>,
 }
 
-impl<B: Backend> Mlp<B> {
+impl<B: KilnBackend> Mlp<B> {
     /// # Shapes
     /// - x: `[batch, seq, hidden]` -> `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
@@ -200,7 +201,7 @@ impl<B: Backend> Mlp<B> {
 
 /// One pre-norm decoder layer.
 #[derive(Module, Debug)]
-pub struct DecoderLayer<B: Backend> {
+pub struct DecoderLayer<B: KilnBackend> {
     /// Self-attention.
     pub self_attn: Attention<B>,
     /// Feed-forward.
@@ -211,7 +212,7 @@ pub struct DecoderLayer<B: Backend> {
     pub post_attention_layernorm: RmsNorm<B>,
 }
 
-impl<B: Backend> DecoderLayer<B> {
+impl<B: KilnBackend> DecoderLayer<B> {
     /// # Shapes
     /// - x: `[batch, seq, hidden]` -> `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<B, 3>, rope: &Rope<B>, bias: &Tensor<B, 4>) -> Tensor<B, 3> {
@@ -249,7 +250,7 @@ impl<B: Backend> DecoderLayer<B> {
 
 /// The decoder stack (`model.*` in checkpoints).
 #[derive(Module, Debug)]
-pub struct Qwen2Model<B: Backend> {
+pub struct Qwen2Model<B: KilnBackend> {
     /// Token embedding, `[vocab, hidden]`.
     pub embed_tokens: burn::nn::Embedding<B>,
     /// Decoder layers.
@@ -260,7 +261,7 @@ pub struct Qwen2Model<B: Backend> {
 
 /// Qwen2 with its language-model head.
 #[derive(Module, Debug)]
-pub struct Qwen2ForCausalLM<B: Backend> {
+pub struct Qwen2ForCausalLM<B: KilnBackend> {
     /// The decoder.
     pub model: Qwen2Model<B>,
     /// Output head `[hidden, vocab]`; absent when tied to the embedding.
@@ -273,7 +274,7 @@ pub struct Qwen2ForCausalLM<B: Backend> {
     pub neftune_alpha: f64,
 }
 
-impl<B: Backend> Qwen2ForCausalLM<B> {
+impl<B: KilnBackend> Qwen2ForCausalLM<B> {
     /// The configuration.
     pub fn config(&self) -> &Qwen2Config {
         &self.config
@@ -413,7 +414,7 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
 ///
 /// One cache serves one model and one batch of sequences that advance together.
 #[derive(Debug, Clone)]
-pub struct KvCache<B: Backend> {
+pub struct KvCache<B: KilnBackend> {
     /// Per layer; `None` until the first call.
     layers: Vec<Option<LayerKv<B>>>,
     /// Tokens cached per sequence.
@@ -422,14 +423,14 @@ pub struct KvCache<B: Backend> {
 
 /// One layer's cached keys and values.
 #[derive(Debug, Clone)]
-pub struct LayerKv<B: Backend> {
+pub struct LayerKv<B: KilnBackend> {
     /// `[batch, kv_heads, len, head_dim]`, RoPE already applied.
     pub keys: Tensor<B, 4>,
     /// `[batch, kv_heads, len, head_dim]`.
     pub values: Tensor<B, 4>,
 }
 
-impl<B: Backend> KvCache<B> {
+impl<B: KilnBackend> KvCache<B> {
     /// An empty cache for a model with `num_layers` decoder layers.
     pub fn new(num_layers: usize) -> Self {
         Self {
@@ -456,12 +457,12 @@ impl<B: Backend> KvCache<B> {
 
 /// Rotate-half rotary embedding tables for a range of positions.
 #[derive(Debug, Clone)]
-pub struct Rope<B: Backend> {
+pub struct Rope<B: KilnBackend> {
     cos: Tensor<B, 2>,
     sin: Tensor<B, 2>,
 }
 
-impl<B: Backend> Rope<B> {
+impl<B: KilnBackend> Rope<B> {
     /// Tables for positions `0..seq`.
     pub fn new(seq: usize, head_dim: usize, theta: f64, device: &B::Device) -> Self {
         Self::at(0..seq, head_dim, theta, device)
@@ -511,7 +512,7 @@ impl<B: Backend> Rope<B> {
 /// # Shapes
 /// - returns `[groups * seq, past + seq]`: row `r` is query position `past + r % seq`, which
 ///   sees keys `0..=past + r % seq`
-fn causal_bias<B: Backend>(
+fn causal_bias<B: KilnBackend>(
     past: usize,
     seq: usize,
     groups: usize,
@@ -537,7 +538,7 @@ mod tests {
 
     /// A tiny GQA model (2 query heads per key/value head) with weights large enough that
     /// attention is far from uniform.
-    fn tiny<B: Backend>(device: &B::Device) -> Qwen2ForCausalLM<B> {
+    fn tiny<B: KilnBackend>(device: &B::Device) -> Qwen2ForCausalLM<B> {
         Qwen2Config {
             vocab_size: 37,
             hidden_size: 16,
@@ -554,19 +555,19 @@ mod tests {
         .init(&Init::new(5), device)
     }
 
-    fn ids<B: Backend>(rows: &[&[i64]], device: &B::Device) -> Tensor<B, 2, Int> {
+    fn ids<B: KilnBackend>(rows: &[&[i64]], device: &B::Device) -> Tensor<B, 2, Int> {
         let t = rows[0].len();
         let flat: Vec<i64> = rows.iter().flat_map(|r| r.iter().copied()).collect();
         Tensor::from_data(TensorData::new(flat, [rows.len(), t]), device)
     }
 
-    fn values<B: Backend>(t: Tensor<B, 3>) -> Vec<f32> {
+    fn values<B: KilnBackend>(t: Tensor<B, 3>) -> Vec<f32> {
         t.into_data().convert::<f32>().into_vec::<f32>().unwrap()
     }
 
     /// The prompt in one call, then one token per call, then two tokens in one call (a
     /// causal mask with an offset) give the logits of one full forward pass.
-    fn cached_matches_full<B: Backend>() {
+    fn cached_matches_full<B: KilnBackend>() {
         let device = Default::default();
         let model = tiny::<B>(&device);
         let rows: [&[i64]; 2] = [
