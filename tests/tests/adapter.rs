@@ -55,19 +55,37 @@ fn checkpoint_tensor_names(dir: &Path) -> Vec<String> {
 }
 
 #[test]
-fn qlora_smoke_loss_falls_and_checkpoints_hold_only_adapters() {
+fn qlora_smoke_learns_tool_calls_and_checkpoints_hold_only_adapters() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().to_str().unwrap();
-    assert_ok(&run(&["train", QLORA, "--out", out]));
+    let trained = run(&["train", QLORA, "--out", out]);
+    assert_ok(&trained);
+    let log = stderr(&trained);
+    // Two epochs of the shipped conversations, resolved into steps from the data.
+    assert!(log.contains("phases[0]: 2 epochs = "), "{log}");
+    // The base under the adapters is NF4: about 0.52 bytes per weight.
+    let line = log
+        .lines()
+        .find(|l| l.contains("frozen base:"))
+        .unwrap_or_else(|| panic!("no frozen-base line: {log}"));
+    assert!(line.contains("NF4"), "{line}");
+    let per_weight: f64 = line
+        .split('(')
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(per_weight < 0.53, "{line}");
+
     let run_dir = dir.path().join("qwen2-qlora-tiny");
     let l = losses(&run_dir);
     let mean = |xs: &[(u64, f64)]| xs.iter().map(|(_, v)| v).sum::<f64>() / xs.len() as f64;
     let (first, last) = (mean(&l[..5]), mean(&l[l.len() - 5..]));
     assert!(
-        last < first - 0.2,
+        last < first / 2.0,
         "adapter training lowers the loss: {first:.3} -> {last:.3}"
     );
-    let ckpt = run_dir.join("checkpoints/step-00000040");
+    let ckpt = run_dir.join(format!("checkpoints/step-{:08}", l.len()));
     let names = checkpoint_tensor_names(&ckpt);
     // 4 layers x 7 projections x (A, B).
     assert_eq!(names.len(), 56, "{names:?}");
@@ -79,6 +97,29 @@ fn qlora_smoke_loss_falls_and_checkpoints_hold_only_adapters() {
     );
     let state = std::fs::read_to_string(ckpt.join("state.json")).unwrap();
     assert!(state.contains("random base from run.seed 1234"), "{state}");
+
+    // Asked for the weather with tools on offer, the trained run answers with a tool call
+    // that parses as JSON (a model this small picks the tool, not yet the right city).
+    let tools = repo_root().join("data/toolchat/tools.json");
+    let asked = run(&[
+        "generate",
+        run_dir.to_str().unwrap(),
+        "--tools",
+        tools.to_str().unwrap(),
+        "--prompt",
+        "What's the weather in Oslo?",
+        "--max-new-tokens",
+        "48",
+    ]);
+    assert_ok(&asked);
+    let answer: serde_json::Value = serde_json::from_str(&stdout(&asked)).unwrap();
+    assert!(
+        answer["reply"].as_str().unwrap().starts_with("<tool_call>"),
+        "{answer}"
+    );
+    let call = &answer["tool_calls"][0];
+    assert_eq!(call["name"], "get_weather", "{answer}");
+    assert!(call["arguments"]["city"].is_string(), "{answer}");
 }
 
 #[test]

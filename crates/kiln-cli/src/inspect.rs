@@ -95,8 +95,8 @@ pub fn inspect(loaded: &LoadedRecipe, read_data: bool) -> Result<()> {
         for (i, p) in r.phases.iter().enumerate() {
             for (name, c) in data.windowing_report(i) {
                 println!(
-                    "  [{i}] {name}: one pass = {} windows | trained {} | dropped {} | padding {} | overlap {}",
-                    c.windows, c.trained, c.dropped, c.padded, c.overlap
+                    "  [{i}] {name}: one pass = {} windows | trained {} | dropped {} ({} trained spans cut) | padding {} | overlap {}",
+                    c.windows, c.trained, c.dropped, c.turns_cut, c.padded, c.overlap
                 );
             }
             let _ = p;

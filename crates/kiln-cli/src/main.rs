@@ -227,7 +227,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if let Some(out) = out {
                 set.push(format!("run.out_dir={}", toml_string(&out)));
             }
-            let loaded = kiln_recipe::load(&recipe, &set)?;
+            let mut loaded = kiln_recipe::load(&recipe, &set)?;
+            resolve_epochs(&mut loaded)?;
             let run = RunDir::create(&loaded.recipe, overwrite)?;
             eprintln!(
                 "training `{}` ({} on {}) into {}",
@@ -472,11 +473,32 @@ fn run(cli: Cli) -> Result<ExitCode> {
             set,
             no_data,
         } => {
-            let loaded = kiln_recipe::load(&recipe, &set)?;
+            let mut loaded = kiln_recipe::load(&recipe, &set)?;
+            if !no_data {
+                resolve_epochs(&mut loaded)?;
+            }
             inspect::inspect(&loaded, !no_data)?;
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Turns phase lengths given in `epochs` into steps (reading the data), says so, and checks
+/// the recipe again now that its step count is known.
+fn resolve_epochs(loaded: &mut kiln_recipe::LoadedRecipe) -> Result<()> {
+    let vocab = kiln_models::ModelSpec::from_recipe(&loaded.recipe)?.vocab_size();
+    let epochs: Vec<Option<f64>> = loaded.recipe.phases.iter().map(|p| p.epochs).collect();
+    for (i, windows, steps) in kiln_data::DataPipeline::resolve_epochs(&mut loaded.recipe, vocab)? {
+        eprintln!(
+            "phases[{i}]: {} epochs = {windows} windows = {steps} steps",
+            epochs[i].unwrap_or_default()
+        );
+    }
+    loaded
+        .recipe
+        .validate(&loaded.path)
+        .map_err(kiln_recipe::RecipeError::Invalid)?;
+    Ok(())
 }
 
 /// Parses `5GB`, `500MB`, `64KB` (powers of 1000, as `transformers`' max_shard_size) or a

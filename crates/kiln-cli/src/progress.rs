@@ -129,8 +129,8 @@ impl Observer for Progress {
                 self.finish();
                 for (source, c) in counts {
                     self.line(&format!(
-                        "phase {index} `{name}` done | source {source}: {} windows, {} tokens trained, {} dropped, {} padding, {} overlap",
-                        c.windows, c.trained, c.dropped, c.padded, c.overlap
+                        "phase {index} `{name}` done | source {source}: {} windows, {} tokens trained, {} dropped ({} trained spans cut), {} padding, {} overlap",
+                        c.windows, c.trained, c.dropped, c.turns_cut, c.padded, c.overlap
                     ));
                 }
             }

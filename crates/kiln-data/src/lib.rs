@@ -393,6 +393,25 @@ impl DataPipeline {
             .collect()
     }
 
+    /// Resolves the recipe's phases given in `epochs` into `steps` (see
+    /// [`Recipe::resolve_epochs`]) from one pass over each phase's sources; returns, per
+    /// resolved phase, its index, windows and steps. Reads the data only when a phase needs it.
+    pub fn resolve_epochs(
+        recipe: &mut Recipe,
+        model_vocab: usize,
+    ) -> Result<Vec<(usize, u64, u64)>, DataError> {
+        if recipe.phases.iter().all(|p| p.epochs.is_none()) {
+            return Ok(Vec::new());
+        }
+        let data = Self::new(recipe, model_vocab)?;
+        Ok(recipe.resolve_epochs(|i| {
+            data.windowing_report(i)
+                .iter()
+                .map(|(_, c)| c.windows)
+                .sum()
+        }))
+    }
+
     /// What one pass over each source yields under a phase's windowing: windows, trained,
     /// dropped and padded tokens.
     pub fn windowing_report(&self, phase_index: usize) -> Vec<(String, SourceCounts)> {

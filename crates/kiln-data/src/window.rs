@@ -33,6 +33,10 @@ pub struct SourceCounts {
     pub padded: u64,
     /// Overlap positions seen again as context but not trained twice (`belt` only).
     pub overlap: u64,
+    /// Trained spans (assistant turns of chat documents; a whole plain document counts as
+    /// one) that lost target tokens to windowing (`truncate` only).
+    #[serde(default)]
+    pub turns_cut: u64,
 }
 
 /// A tokenized document: ids (ending with end-of-text) and, for chat documents, which
@@ -58,6 +62,28 @@ impl Doc {
 
     fn trained_at(&self, i: usize) -> bool {
         self.trained.as_ref().is_none_or(|t| t[i])
+    }
+
+    /// Trained spans (maximal runs of trained tokens) with at least one token at or after
+    /// `from`.
+    fn spans_reaching(&self, from: usize) -> u64 {
+        let mut n = 0;
+        let mut inside = false;
+        for i in 0..self.len() {
+            let t = self.trained_at(i);
+            if t && !inside && (i >= from || self.span_end(i) > from) {
+                n += 1;
+            }
+            inside = t;
+        }
+        n
+    }
+
+    /// One past the last token of the trained span starting at `start`.
+    fn span_end(&self, start: usize) -> usize {
+        (start..self.len())
+            .find(|&i| !self.trained_at(i))
+            .unwrap_or(self.len())
     }
 
     /// Target tokens trained on in a full pass (every token but the first).
@@ -163,6 +189,9 @@ pub fn next_window(
                 *m = 1.0;
             }
             counts.dropped += (doc.len() - end) as u64;
+            if end < doc.len() {
+                counts.turns_cut += doc.spans_reaching(end);
+            }
             advance_document(docs, cursor);
         }
     }
@@ -313,8 +342,42 @@ mod tests {
             vec![0, 1, 2, 3, 4]
         );
         assert_eq!(n.dropped, 5);
+        assert_eq!(n.turns_cut, 1, "a plain document is one trained span");
         let w = next_window(&docs, &mut c, &mut n, s);
         assert_eq!(w.tokens, vec![1, 2, 99, 99, 99]);
         assert_eq!(w.mask, vec![1.0, 0.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn truncate_reports_the_assistant_turns_it_cuts() {
+        // Two assistant turns: tokens 2..4 and 6..9; a window of 4 keeps tokens 0..=4.
+        let trained = [
+            false, false, true, true, false, false, true, true, true, false,
+        ];
+        let doc = Doc {
+            ids: (0..10).collect(),
+            trained: Some(trained.to_vec()),
+        };
+        let (mut c, mut n) = (SourceCursor::default(), SourceCounts::default());
+        next_window(
+            &[doc.clone()],
+            &mut c,
+            &mut n,
+            spec(4, Windowing::Truncate, 0),
+        );
+        assert_eq!((n.dropped, n.turns_cut), (5, 1));
+        // A window of 3 keeps tokens 0..=3: the first turn survives whole, the second is cut.
+        let (mut c, mut n) = (SourceCursor::default(), SourceCounts::default());
+        next_window(
+            &[doc.clone()],
+            &mut c,
+            &mut n,
+            spec(3, Windowing::Truncate, 0),
+        );
+        assert_eq!(n.turns_cut, 1);
+        // A window of 2 keeps tokens 0..=2: the first turn loses token 3, the second is gone.
+        let (mut c, mut n) = (SourceCursor::default(), SourceCounts::default());
+        next_window(&[doc], &mut c, &mut n, spec(2, Windowing::Truncate, 0));
+        assert_eq!(n.turns_cut, 2);
     }
 }

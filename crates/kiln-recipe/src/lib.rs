@@ -177,7 +177,29 @@ impl Recipe {
         digest.iter().map(|b| format!("{b:02x}")).collect()
     }
 
-    /// Optimizer steps of each phase, resolving `tokens` lengths into whole steps.
+    /// Resolves phases given in `epochs` into `steps`, given the windows one pass over each
+    /// phase's sources yields (`windows_per_pass(phase_index)`); returns, per resolved
+    /// phase, its index, the windows and the steps.
+    pub fn resolve_epochs(
+        &mut self,
+        mut windows_per_pass: impl FnMut(usize) -> u64,
+    ) -> Vec<(usize, u64, u64)> {
+        let accum = self.train.grad_accum.max(1) as u64;
+        let mut resolved = Vec::new();
+        for (i, p) in self.phases.iter_mut().enumerate() {
+            let Some(epochs) = p.epochs.take() else {
+                continue;
+            };
+            let windows = (epochs * windows_per_pass(i) as f64).ceil() as u64;
+            let steps = windows.div_ceil(p.batch_size.max(1) as u64 * accum).max(1);
+            p.steps = Some(steps);
+            resolved.push((i, windows, steps));
+        }
+        resolved
+    }
+
+    /// Optimizer steps of each phase, resolving `tokens` lengths into whole steps (a phase
+    /// still given in `epochs` counts 0 until [`Recipe::resolve_epochs`]).
     pub fn phase_steps(&self) -> Vec<u64> {
         self.phases
             .iter()
@@ -340,6 +362,35 @@ tokens = 100
         let err = parse(&["optim.lrr=1"]).unwrap_err().to_string();
         assert!(
             err.starts_with("r.toml: optim.lrr: unknown field `lrr`, expected one of `kind`, `lr`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_phase_has_one_length_and_epochs_resolve_from_windows() {
+        // Setting one length replaces the recipe's.
+        let r = parse(&["phases[0].steps=7"]).unwrap().recipe;
+        assert_eq!((r.phases[0].steps, r.phases[0].tokens), (Some(7), None));
+        let mut r = parse(&["phases[0].epochs=2.5"]).unwrap().recipe;
+        assert_eq!(
+            r.phase_steps(),
+            vec![0],
+            "unresolved until the data is read"
+        );
+        // 2.5 passes of 9 windows = 23 windows (rounded up) = 12 steps of 2.
+        assert_eq!(r.resolve_epochs(|_| 9), vec![(0, 23, 12)]);
+        assert_eq!((r.phases[0].steps, r.phases[0].epochs), (Some(12), None));
+        let err = parse(&["phases[0].epochs=-1"]).unwrap_err().to_string();
+        assert!(
+            err.contains("phases[0].epochs: -1 must be a positive"),
+            "{err}"
+        );
+        let two = MINIMAL.replace("tokens = 100", "tokens = 100\nepochs = 1");
+        let err = from_str(&two, Path::new("r.toml"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("give one of `steps`, `tokens` and `epochs`"),
             "{err}"
         );
     }

@@ -82,6 +82,17 @@ pub fn apply_override(table: &mut toml::Table, spec: &str) -> Result<(), RecipeE
     if !matches!(segments.first(), Some(Segment::Key(_))) {
         return Err(bad("a key must start with a section name".to_string()));
     }
+    // A phase has one length: setting `steps`, `tokens` or `epochs` replaces the others.
+    if let [Segment::Key(p), Segment::Index(i), Segment::Key(k)] = segments.as_slice()
+        && p == "phases"
+        && PHASE_LENGTHS.contains(&k.as_str())
+        && let Some(toml::Value::Table(phase)) = table
+            .get_mut("phases")
+            .and_then(|v| v.as_array_mut())
+            .and_then(|a| a.get_mut(*i))
+    {
+        phase.retain(|key, _| key == k || !PHASE_LENGTHS.iter().any(|l| key == *l));
+    }
     let mut root = toml::Value::Table(std::mem::take(table));
     let result = set_path(
         &mut root,
@@ -94,6 +105,9 @@ pub fn apply_override(table: &mut toml::Table, spec: &str) -> Result<(), RecipeE
     }
     result.map_err(bad)
 }
+
+/// The keys that give a phase's length; a phase has exactly one.
+const PHASE_LENGTHS: [&str; 3] = ["steps", "tokens", "epochs"];
 
 /// Sets `value` at `segments` below `node`; `walked` is the path so far, for errors.
 fn set_path(

@@ -385,12 +385,19 @@ pub struct Phase {
     /// not trained twice).
     #[serde(default)]
     pub overlap: usize,
-    /// Length of the phase in optimizer steps (exactly one of `steps` and `tokens`).
+    /// Length of the phase in optimizer steps (exactly one of `steps`, `tokens` and
+    /// `epochs`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub steps: Option<u64>,
     /// Length of the phase in training tokens, rounded up to whole optimizer steps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens: Option<u64>,
+    /// Length of the phase in passes over its data: `epochs` times the windows that one
+    /// pass over each of its sources yields (under the phase's windowing), in whole optimizer
+    /// steps. Resolved into `steps` when a run starts, once the data is read; the run's
+    /// `recipe.resolved.toml` records the steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<f64>,
     /// Multiplier on the scheduled learning rate during this phase.
     #[serde(default = "default_lr_scale")]
     pub lr_scale: f64,

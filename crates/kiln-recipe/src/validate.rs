@@ -287,13 +287,24 @@ impl Recipe {
                     format!("{} must be smaller than the window {}", p.overlap, p.window),
                 );
             }
-            match (p.steps, p.tokens) {
-                (Some(_), Some(_)) => e.push(key("steps"), "give `steps` or `tokens`, not both"),
-                (None, None) => e.push(key("steps"), "missing: give `steps` or `tokens`"),
-                (Some(0), _) | (_, Some(0)) => {
-                    e.push(key("steps"), "phase length must be positive")
-                }
-                _ => {}
+            let lengths = [p.steps.is_some(), p.tokens.is_some(), p.epochs.is_some()];
+            match lengths.iter().filter(|l| **l).count() {
+                0 => e.push(key("steps"), "missing: give `steps`, `tokens` or `epochs`"),
+                1 => {}
+                _ => e.push(
+                    key("steps"),
+                    "give one of `steps`, `tokens` and `epochs`, not several",
+                ),
+            }
+            if p.steps == Some(0) || p.tokens == Some(0) {
+                e.push(key("steps"), "phase length must be positive");
+            }
+            if let Some(n) = p.epochs {
+                e.check(
+                    n.is_finite() && n > 0.0,
+                    key("epochs"),
+                    format!("{n} must be a positive number of passes"),
+                );
             }
             e.check(
                 p.lr_scale.is_finite() && p.lr_scale > 0.0,
@@ -370,8 +381,9 @@ impl Recipe {
             format!("{} must be between 0 and optim.lr {}", s.min_lr, o.lr),
         );
         let total = self.total_steps();
+        // Phases given in epochs have no step count until the data is read.
         e.check(
-            s.warmup_steps <= total,
+            s.warmup_steps <= total || self.phases.iter().any(|p| p.epochs.is_some()),
             "schedule.warmup_steps",
             format!("{} exceeds the {total} total steps", s.warmup_steps),
         );
