@@ -91,7 +91,7 @@ pub fn apply_override(table: &mut toml::Table, spec: &str) -> Result<(), RecipeE
             .and_then(|v| v.as_array_mut())
             .and_then(|a| a.get_mut(*i))
     {
-        phase.retain(|key, _| key == k || !PHASE_LENGTHS.iter().any(|l| key == *l));
+        phase.retain(|key, _| key == k || !PHASE_LENGTHS.contains(&key));
     }
     let mut root = toml::Value::Table(std::mem::take(table));
     let result = set_path(
