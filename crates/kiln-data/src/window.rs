@@ -360,7 +360,7 @@ mod tests {
         };
         let (mut c, mut n) = (SourceCursor::default(), SourceCounts::default());
         next_window(
-            &[doc.clone()],
+            std::slice::from_ref(&doc),
             &mut c,
             &mut n,
             spec(4, Windowing::Truncate, 0),
@@ -369,7 +369,7 @@ mod tests {
         // A window of 3 keeps tokens 0..=3: the first turn survives whole, the second is cut.
         let (mut c, mut n) = (SourceCursor::default(), SourceCounts::default());
         next_window(
-            &[doc.clone()],
+            std::slice::from_ref(&doc),
             &mut c,
             &mut n,
             spec(3, Windowing::Truncate, 0),
