@@ -326,10 +326,12 @@ fn adamw_8bit_tracks_f32_adamw_and_resumes_exactly() {
     let bytes = std::fs::read(ckpt).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header = String::from_utf8_lossy(&bytes[8..8 + n]).into_owned();
-    assert!(
-        header.contains("m8.codes.model.embed_tokens.weight"),
-        "8-bit state is checkpointed"
+    let header: serde_json::Value = serde_json::from_str(&header).unwrap();
+    assert_eq!(
+        header["m8.codes.model.embed_tokens.weight"]["dtype"], "U8",
+        "8-bit state is checkpointed one byte per code: {header}"
     );
+    let header = header.to_string();
     assert!(
         header.contains("\"m.model.norm.weight\""),
         "small tensors keep f32 moments"

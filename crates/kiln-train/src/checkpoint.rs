@@ -3,7 +3,9 @@
 //! ```text
 //! checkpoints/step-00000040/
 //!   model.safetensors       parameters by checkpoint name (f32, Burn layout)
-//!   optimizer.safetensors   `m.<name>` and `v.<name>` moments, flattened
+//!   optimizer.safetensors   `m.<name>` and `v.<name>` moments, flattened (f32); for
+//!                           8-bit AdamW `m8.codes.<name>` (U8) and `m8.absmax.<name>`,
+//!                           the same for `v8`
 //!   recipe.toml             the resolved recipe the run used
 //!   state.json              counters, data cursor, schedule position, and the SHA-256 of
 //!                           every other file (written last)
@@ -187,21 +189,38 @@ fn test_pause() {
 
 /// Encodes named f32 tensors as safetensors.
 pub fn encode_safetensors(tensors: &BTreeMap<String, NamedTensor>) -> Result<Vec<u8>, TrainError> {
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+    let bytes: Vec<(String, Vec<usize>, safetensors::Dtype, Vec<u8>)> = tensors
         .iter()
         .map(|(k, t)| {
+            if is_codes(k) {
+                // 8-bit optimizer codes stay one byte each on disk.
+                let b = t
+                    .values
+                    .iter()
+                    .map(|v| {
+                        u8::try_from(*v as i64)
+                            .ok()
+                            .filter(|c| f32::from(*c) == *v)
+                            .ok_or_else(|| {
+                                TrainError::Checkpoint(format!(
+                                    "tensor `{k}` holds {v}, not an 8-bit code"
+                                ))
+                            })
+                    })
+                    .collect::<Result<Vec<u8>, _>>()?;
+                return Ok((k.clone(), t.shape.clone(), safetensors::Dtype::U8, b));
+            }
             let mut b = Vec::with_capacity(t.values.len() * 4);
             for v in &t.values {
                 b.extend_from_slice(&v.to_le_bytes());
             }
-            (k.clone(), t.shape.clone(), b)
+            Ok((k.clone(), t.shape.clone(), safetensors::Dtype::F32, b))
         })
-        .collect();
+        .collect::<Result<_, TrainError>>()?;
     let views = bytes
         .iter()
-        .map(|(k, shape, b)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
-                .map(|v| (k.clone(), v))
+        .map(|(k, shape, dtype, b)| {
+            safetensors::tensor::TensorView::new(*dtype, shape.clone(), b).map(|v| (k.clone(), v))
         })
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TrainError::Checkpoint(format!("cannot encode tensors: {e}")))?;
@@ -209,7 +228,13 @@ pub fn encode_safetensors(tensors: &BTreeMap<String, NamedTensor>) -> Result<Vec
         .map_err(|e| TrainError::Checkpoint(format!("cannot encode tensors: {e}")))
 }
 
-/// Decodes a safetensors file of f32 tensors.
+/// Whether a checkpoint tensor holds 8-bit codes (`m8.codes.<name>`, `v8.codes.<name>`),
+/// stored as U8.
+fn is_codes(name: &str) -> bool {
+    name.split('.').nth(1) == Some("codes")
+}
+
+/// Decodes a safetensors file of f32 tensors (and U8 codes, as f32).
 pub fn decode_safetensors(
     bytes: &[u8],
     path: &Path,
@@ -219,18 +244,22 @@ pub fn decode_safetensors(
     })?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
-        if view.dtype() != safetensors::Dtype::F32 {
-            return Err(TrainError::Checkpoint(format!(
-                "{}: tensor `{name}` is {:?}, expected F32",
-                path.display(),
-                view.dtype()
-            )));
-        }
-        let values = view
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let values = match view.dtype() {
+            safetensors::Dtype::F32 => view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            safetensors::Dtype::U8 if is_codes(&name) => {
+                view.data().iter().map(|c| f32::from(*c)).collect()
+            }
+            other => {
+                return Err(TrainError::Checkpoint(format!(
+                    "{}: tensor `{name}` is {other:?}, expected F32",
+                    path.display(),
+                )));
+            }
+        };
         out.insert(
             name,
             NamedTensor {
