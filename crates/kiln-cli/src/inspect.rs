@@ -48,15 +48,23 @@ pub fn inspect(loaded: &LoadedRecipe, read_data: bool) -> Result<()> {
         human_count(spec.matmul_params())
     );
     let steps = r.phase_steps();
-    println!("phases      {} steps in all", r.total_steps());
+    if r.phases.iter().any(|p| p.epochs.is_some()) {
+        println!("phases      lengths in epochs resolve into steps once the data is read");
+    } else {
+        println!("phases      {} steps in all", r.total_steps());
+    }
     let mut first = 1;
     let mut peak_activation = 0u64;
     for (i, (p, n)) in r.phases.iter().zip(&steps).enumerate() {
         let last = first + n - 1;
         let per_step = r.tokens_per_step(p);
         let mix: Vec<String> = p.sources.iter().map(|(s, w)| format!("{s}={w}")).collect();
+        let span = match p.epochs {
+            Some(e) => format!("{e} epochs"),
+            None => format!("steps {first}..={last}"),
+        };
         println!(
-            "  [{i}] {:<12} steps {first}..={last} | batch {} x window {} x accum {} = {} tokens/step | {} | lr_scale {} | {} GFLOP/step | mix {}",
+            "  [{i}] {:<12} {span} | batch {} x window {} x accum {} = {} tokens/step | {} | lr_scale {} | {} GFLOP/step | mix {}",
             p.display_name(i),
             p.batch_size,
             p.window,
@@ -71,13 +79,43 @@ pub fn inspect(loaded: &LoadedRecipe, read_data: bool) -> Result<()> {
             .max(spec.activation_bytes_per_token(p.window) * (p.batch_size * p.window) as u64);
         first = last + 1;
     }
-    let weights = params as f64 * 4.0;
+    // What the optimizer trains and what it keeps per trained parameter (moments: two f32,
+    // or for 8-bit AdamW two bytes plus block statistics).
+    let moment_bytes = match r.optim.kind {
+        kiln_recipe::OptimKind::Adamw8bit => 2.0 + 8.0 / 256.0,
+        _ => 8.0,
+    };
+    let (weights, trained) = match &r.adapter {
+        None => (params as f64 * 4.0, params as f64),
+        Some(a) => {
+            let targeted: Vec<[usize; 2]> = spec
+                .projections()
+                .into_iter()
+                .filter(|(name, _)| a.targets.iter().any(|t| t == name))
+                .map(|(_, d)| d)
+                .collect();
+            let base: f64 = targeted.iter().map(|[i, o]| (i * o) as f64).sum();
+            let adapters: f64 = targeted
+                .iter()
+                .map(|[i, o]| (a.rank * (i + o)) as f64)
+                .sum();
+            // NF4 with double-quantized absmax: 0.5 + 1/64 + 4/16384 bytes per weight.
+            let per_base = if a.kind == kiln_recipe::AdapterKind::Qlora {
+                0.5 + 1.0 / 64.0 + 4.0 / 16384.0
+            } else {
+                4.0
+            };
+            let rest = params as f64 - base;
+            (rest * 4.0 + base * per_base + adapters * 4.0, adapters)
+        }
+    };
+    let (grads, moments) = (trained * 4.0, trained * moment_bytes);
     println!(
-        "memory      ~{} total (estimate): weights {}, gradients {}, AdamW moments {}, activations {} (largest micro-batch, f32, no checkpointing)",
-        human_bytes(weights * 4.0 + peak_activation as f64),
+        "memory      ~{} total (estimate): weights {}, gradients {}, optimizer state {}, activations {} (largest micro-batch, f32, no checkpointing)",
+        human_bytes(weights + grads + moments + peak_activation as f64),
         human_bytes(weights),
-        human_bytes(weights),
-        human_bytes(weights * 2.0),
+        human_bytes(grads),
+        human_bytes(moments),
         human_bytes(peak_activation as f64)
     );
     if read_data {

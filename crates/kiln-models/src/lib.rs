@@ -567,6 +567,28 @@ pub enum ModelSpec {
 }
 
 impl ModelSpec {
+    /// The `[in, out]` of every projection an adapter can target, by module name
+    /// (`q_proj`, ...), one entry per layer.
+    pub fn projections(&self) -> Vec<(&'static str, [usize; 2])> {
+        match self {
+            Self::Qwen2(c) => {
+                let (h, i) = (c.hidden_size, c.intermediate_size);
+                let q = c.num_attention_heads * c.head_dim();
+                let kv = c.num_key_value_heads * c.head_dim();
+                let layer = [
+                    ("q_proj", [h, q]),
+                    ("k_proj", [h, kv]),
+                    ("v_proj", [h, kv]),
+                    ("o_proj", [q, h]),
+                    ("gate_proj", [h, i]),
+                    ("up_proj", [h, i]),
+                    ("down_proj", [i, h]),
+                ];
+                (0..c.num_hidden_layers).flat_map(|_| layer).collect()
+            }
+        }
+    }
+
     /// The spec of a recipe's model.
     pub fn from_recipe(recipe: &Recipe) -> Result<Self, ModelError> {
         match recipe.model.family {
