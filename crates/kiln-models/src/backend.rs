@@ -1,6 +1,17 @@
 //! Backend extensions kiln's models need beyond Burn's tensor API.
 //!
-//! [`KilnBackend`] adds one operation: a linear layer on an NF4 base weight,
+//! [`KilnBackend`] adds two operations.
+//!
+//! **Attention** `softmax(q kᵀ · scale + bias) v`, memory-efficient under autodiff: Burn's
+//! graph would keep the `[queries, keys]` scores and probabilities of every layer (and
+//! head) from the forward to the backward pass, which at 4096 tokens is gigabytes per layer.
+//! Here the forward keeps only q, k, v (which the graph holds anyway) and the backward
+//! recomputes the probabilities block by block of queries (FlashAttention's recomputation,
+//! in plain tensor ops): `dV = Pᵀ dO`, `dS = P ⊙ (dO vᵀ − rowsum(dO ⊙ O))`, `dQ = dS k ·
+//! scale`, `dK = dSᵀ q · scale`. The forward runs block by block too, so no step ever holds
+//! more than one block's scores.
+//!
+//! **NF4 linear**: a linear layer on an NF4 base weight,
 //! `y = x · dequant(W)ᵀ`. Its forward dequantizes `W` for the one matmul and drops it; on an
 //! autodiff backend its backward dequantizes `W` again to compute `dx = dy · dequant(W)` and
 //! records nothing else, so a QLoRA step never holds more than one layer's f32 weight at a
@@ -21,14 +32,50 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
-use burn::tensor::TensorData;
+use burn::prelude::*;
+use burn::tensor::activation::softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
+use burn::tensor::{TensorData, TensorPrimitive, s};
 
 use crate::nf4::Nf4Tensor;
 
+/// Query rows per attention block: bounds the scores held at once to
+/// `batch · kv_heads · ATTENTION_BLOCK · keys` values.
+pub const ATTENTION_BLOCK: usize = 512;
+
 /// A Burn backend with kiln's extra operations.
 pub trait KilnBackend: Backend {
+    /// `softmax(q kᵀ · scale + bias) v` for `q: [b, h, t, d]`, `k, v: [b, h, s, d]` and an
+    /// additive `bias: [1 or b, 1, t, s]` (0 where visible, -inf or a large negative
+    /// number where not); returns `[b, h, t, d]`. Computed in blocks of
+    /// [`ATTENTION_BLOCK`] queries.
+    fn kiln_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        let (q, k, v) = (
+            float::<Self, 4>(q),
+            float::<Self, 4>(k),
+            float::<Self, 4>(v),
+        );
+        let bias = bias.map(float::<Self, 4>);
+        let t = q.dims()[2];
+        let kt = k.clone().swap_dims(2, 3);
+        let blocks: Vec<Tensor<Self, 4>> = (0..t)
+            .step_by(ATTENTION_BLOCK)
+            .map(|r0| {
+                let rows = r0..(r0 + ATTENTION_BLOCK).min(t);
+                let qb = q.clone().slice(s![.., .., rows.clone(), ..]);
+                probabilities(qb, kt.clone(), block_bias(&bias, rows), scale).matmul(v.clone())
+            })
+            .collect();
+        Tensor::cat(blocks, 2).into_primitive().tensor()
+    }
+
     /// `x · dequant(w)ᵀ` for `x: [n, in]` and an NF4 weight of Hugging Face shape
     /// `[out, in]`; returns `[n, out]`.
     fn nf4_linear(x: FloatTensor<Self>, w: &Arc<Nf4Tensor>) -> FloatTensor<Self> {
@@ -46,6 +93,84 @@ where
     B: AutodiffBackend + KilnBackend,
     B::InnerBackend: KilnBackend,
 {
+}
+
+/// A float primitive as a tensor.
+fn float<B: Backend, const D: usize>(p: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(p))
+}
+
+/// The bias rows of a block of queries.
+fn block_bias<B: Backend>(
+    bias: &Option<Tensor<B, 4>>,
+    rows: std::ops::Range<usize>,
+) -> Option<Tensor<B, 4>> {
+    bias.as_ref().map(|b| b.clone().slice(s![.., .., rows, ..]))
+}
+
+/// `softmax(qb kᵀ · scale + bias)` for one block of queries: `[b, h, rows, s]`.
+fn probabilities<B: Backend>(
+    qb: Tensor<B, 4>,
+    kt: Tensor<B, 4>,
+    bias: Option<Tensor<B, 4>>,
+    scale: f64,
+) -> Tensor<B, 4> {
+    let scores = qb.matmul(kt).mul_scalar(scale);
+    let scores = match bias {
+        Some(b) => scores + b,
+        None => scores,
+    };
+    softmax(scores, 3)
+}
+
+/// The backward of [`KilnBackend::kiln_attention`]: recomputes each block's probabilities.
+#[derive(Debug)]
+struct AttentionBackward;
+
+/// What the attention backward keeps: q, k, v, the bias and the scale.
+type AttentionState<B> = (
+    FloatTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+    Option<FloatTensor<B>>,
+    f64,
+);
+
+impl<B: Backend> Backward<B, 3> for AttentionBackward {
+    type State = AttentionState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_q, node_k, node_v] = ops.parents;
+        let d_out = float::<B, 4>(grads.consume::<B>(&ops.node));
+        let (q, k, v, bias, scale) = ops.state;
+        let (q, k, v) = (float::<B, 4>(q), float::<B, 4>(k), float::<B, 4>(v));
+        let bias = bias.map(float::<B, 4>);
+        let t = q.dims()[2];
+        let kt = k.clone().swap_dims(2, 3);
+        let vt = v.clone().swap_dims(2, 3);
+        let mut dq_blocks = Vec::new();
+        let mut dk = k.zeros_like();
+        let mut dv = v.zeros_like();
+        for r0 in (0..t).step_by(ATTENTION_BLOCK) {
+            let rows = r0..(r0 + ATTENTION_BLOCK).min(t);
+            let qb = q.clone().slice(s![.., .., rows.clone(), ..]);
+            let dob = d_out.clone().slice(s![.., .., rows.clone(), ..]);
+            let p = probabilities(qb.clone(), kt.clone(), block_bias(&bias, rows), scale);
+            dv = dv + p.clone().swap_dims(2, 3).matmul(dob.clone());
+            let dp = dob.matmul(vt.clone());
+            // rowsum(dP ⊙ P) equals rowsum(dO ⊙ O) for O = P v.
+            let row = (dp.clone() * p.clone()).sum_dim(3);
+            let ds = p * (dp - row);
+            dq_blocks.push(ds.clone().matmul(k.clone()).mul_scalar(scale));
+            dk = dk + ds.swap_dims(2, 3).matmul(qb).mul_scalar(scale);
+        }
+        let dq = Tensor::cat(dq_blocks, 2);
+        for (node, grad) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, grad.into_primitive().tensor());
+            }
+        }
+    }
 }
 
 /// The dequantized weight `[out, in]` on `device`.
@@ -76,6 +201,34 @@ impl<B: Backend> Backward<B, 1> for Nf4LinearBackward {
 }
 
 impl<B: KilnBackend, C: CheckpointStrategy> KilnBackend for Autodiff<B, C> {
+    fn kiln_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        // The bias is a constant (masks), never differentiated.
+        let bias = bias.map(|b| b.primitive);
+        let output = B::kiln_attention(
+            q.primitive.clone(),
+            k.primitive.clone(),
+            v.primitive.clone(),
+            bias.clone(),
+            scale,
+        );
+        match AttentionBackward
+            .prepare::<C>([q.node, k.node, v.node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                prep.finish((q.primitive, k.primitive, v.primitive, bias, scale), output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(output),
+        }
+    }
+
     fn nf4_linear(x: FloatTensor<Self>, w: &Arc<Nf4Tensor>) -> FloatTensor<Self> {
         let output = B::nf4_linear(x.primitive, w);
         match Nf4LinearBackward
@@ -93,8 +246,6 @@ impl<B: KilnBackend, C: CheckpointStrategy> KilnBackend for Autodiff<B, C> {
 #[cfg(test)]
 mod tests {
     use burn::backend::{Autodiff, Flex};
-    use burn::prelude::*;
-    use burn::tensor::TensorPrimitive;
 
     use super::*;
 
@@ -133,5 +284,59 @@ mod tests {
                 &x2.grad(&g2).expect("input gradient").into_data(),
                 burn::tensor::Tolerance::default(),
             );
+    }
+
+    #[test]
+    fn blocked_attention_and_its_recomputing_backward_match_dense_attention() {
+        let device = Default::default();
+        // More query rows than one block, so blocking and accumulation are exercised.
+        let (b, h, t, d) = (1, 2, ATTENTION_BLOCK + 88, 4);
+        let data = |seed: f32| {
+            let v: Vec<f32> = (0..b * h * t * d)
+                .map(|i| ((i as f32) * seed).sin())
+                .collect();
+            TensorData::new(v, [b, h, t, d])
+        };
+        let mut causal = vec![0.0f32; t * t];
+        for r in 0..t {
+            for c in r + 1..t {
+                causal[r * t + c] = f32::NEG_INFINITY;
+            }
+        }
+        let bias = Tensor::<B, 4>::from_data(TensorData::new(causal, [1, 1, t, t]), &device);
+        let upstream = Tensor::<B, 4>::from_data(data(0.37), &device);
+        let run = |kiln: bool| {
+            let q = Tensor::<B, 4>::from_data(data(0.11), &device).require_grad();
+            let k = Tensor::<B, 4>::from_data(data(0.23), &device).require_grad();
+            let v = Tensor::<B, 4>::from_data(data(0.31), &device).require_grad();
+            let scale = 0.5;
+            let out = if kiln {
+                float::<B, 4>(B::kiln_attention(
+                    q.clone().into_primitive().tensor(),
+                    k.clone().into_primitive().tensor(),
+                    v.clone().into_primitive().tensor(),
+                    Some(bias.clone().into_primitive().tensor()),
+                    scale,
+                ))
+            } else {
+                softmax(
+                    q.clone()
+                        .matmul(k.clone().swap_dims(2, 3))
+                        .mul_scalar(scale)
+                        + bias.clone(),
+                    3,
+                )
+                .matmul(v.clone())
+            };
+            let grads = (out.clone() * upstream.clone()).sum().backward();
+            let g = |x: &Tensor<B, 4>| x.grad(&grads).expect("gradient").into_data();
+            (out.into_data(), g(&q), g(&k), g(&v))
+        };
+        let (kiln, dense) = (run(true), run(false));
+        let tol = burn::tensor::Tolerance::<f32>::absolute(1e-4);
+        kiln.0.assert_approx_eq::<f32>(&dense.0, tol);
+        kiln.1.assert_approx_eq::<f32>(&dense.1, tol);
+        kiln.2.assert_approx_eq::<f32>(&dense.2, tol);
+        kiln.3.assert_approx_eq::<f32>(&dense.3, tol);
     }
 }

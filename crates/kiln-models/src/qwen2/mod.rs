@@ -20,7 +20,8 @@ use burn::nn::Linear;
 use crate::KilnBackend;
 use crate::lora::Proj;
 use burn::prelude::*;
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::TensorPrimitive;
+use burn::tensor::activation::silu;
 
 use std::ops::Range;
 
@@ -164,13 +165,14 @@ impl<B: KilnBackend> Attention<B> {
         // `g` query heads of a group into the sequence axis instead of copying K and V.
         let q = q.reshape([b, kvh, g * t, d]); // [b, kvh, g*t, d]
         let scale = 1.0 / (d as f64).sqrt();
-        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale); // [b, kvh, g*t, s]
-        let scores = match bias {
-            Some(bias) => scores.add(bias.clone()),
-            None => scores,
-        };
-        let probs = softmax(scores, 3);
-        let out = probs.matmul(v); // [b, kvh, g*t, d]
+        // softmax(q kᵀ · scale + bias) v, without keeping the scores for the backward pass.
+        let out = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(B::kiln_attention(
+            q.into_primitive().tensor(),
+            k.into_primitive().tensor(),
+            v.into_primitive().tensor(),
+            bias.map(|b| b.clone().into_primitive().tensor()),
+            scale,
+        ))); // [b, kvh, g*t, d]
         let out = out
             .reshape([b, h, t, d])
             .swap_dims(1, 2)
