@@ -332,14 +332,20 @@ impl Qwen2Config {
     }
 
     /// Rough bytes of activations kept for the backward pass, per token, in f32 without
-    /// activation checkpointing (inputs of every matrix product, attention scores and
-    /// probabilities, MLP intermediates, and logits with their gradient).
+    /// activation checkpointing (inputs of every matrix product, MLP intermediates, and
+    /// logits with their gradient). Attention keeps no scores: its backward recomputes them
+    /// block by block ([`crate::backend::KilnBackend::kiln_attention`]), so `seq` only adds
+    /// one block's scores at a time.
     pub fn activation_bytes_per_token(&self, seq: usize) -> u64 {
         let h = self.hidden_size as u64;
         let i = self.intermediate_size as u64;
         let heads = self.num_attention_heads as u64;
-        let per_layer = 10 * h + 5 * i + 2 * heads * seq as u64;
-        4 * (per_layer * self.num_hidden_layers as u64 + 3 * self.vocab_size as u64)
+        let block = crate::backend::ATTENTION_BLOCK.min(seq) as u64;
+        let per_layer = 10 * h + 5 * i;
+        // Scores, probabilities and their gradient for one block of queries over `seq` keys,
+        // per sequence: 3 · heads · block · seq values, i.e. 3 · heads · block per token.
+        let transient = 3 * heads * block;
+        4 * (per_layer * self.num_hidden_layers as u64 + 3 * self.vocab_size as u64 + transient)
     }
 
     /// Training FLOPs per token at sequence length `seq` (forward + backward):
