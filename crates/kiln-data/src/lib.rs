@@ -9,7 +9,9 @@
 //! This crate does not depend on Burn: batches are plain vectors.
 
 pub mod bpe;
+mod cache;
 pub mod chat;
+mod columnar;
 mod source;
 mod tokenizer;
 mod window;
@@ -21,10 +23,11 @@ use serde::{Deserialize, Serialize};
 
 use kiln_recipe::{Recipe, Windowing};
 
+pub use cache::{CacheMeta, DocView, TokenCache};
 pub use kiln_recipe::rng::SplitMix64;
-pub use source::{Document, read_documents, source_files};
+pub use source::{Document, ReadStats, read_documents, read_source, source_files};
 pub use tokenizer::{BYTE_SPECIAL_TOKENS, ByteTokenizer, HfTokenizer, Tokenizer};
-pub use window::{Doc, SourceCounts, SourceCursor, Window, WindowSpec, next_window};
+pub use window::{Doc, Docs, SourceCounts, SourceCursor, Window, WindowSpec, next_window};
 
 /// Errors from reading and preparing data; each names the file, line or recipe key.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +96,30 @@ pub enum DataError {
         /// The tokenizer's vocabulary size.
         tokenizer: usize,
     },
+    /// A Parquet or Arrow file is unreadable or lacks what the recipe asks for.
+    #[error("`{path}`: {message}")]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A row cannot be read (`on_bad_row = "error"`).
+    #[error("{origin}: {message} (set `on_bad_row = \"skip\"` on the source to drop such rows)")]
+    Row {
+        /// File, row group or batch, and row.
+        origin: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The token cache cannot be written or read.
+    #[error("token cache `{path}`: {message}")]
+    Cache {
+        /// The cache directory or file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
     /// A data cursor does not match the recipe's sources.
     #[error("data cursor names source `{0}`, which the recipe does not have")]
     CursorMismatch(String),
@@ -116,23 +143,26 @@ pub enum DataError {
     },
 }
 
-/// A tokenized source, split into training and held-out documents.
+/// A tokenized source (in the token cache), split into training and held-out documents.
 #[derive(Debug, Clone)]
 pub struct PreparedSource {
     /// Source name.
     pub name: String,
     /// Training documents (ids, each ending with end-of-text).
-    pub train: Vec<Doc>,
-    /// Held-out documents for evaluation.
-    pub heldout: Vec<Doc>,
-    /// Origin of each training document, for samples and messages.
-    pub origins: Vec<String>,
+    pub train: DocView,
+    /// Held-out documents for evaluation (the source's last ones).
+    pub heldout: DocView,
 }
 
 impl PreparedSource {
     /// Total tokens in the training documents.
     pub fn train_tokens(&self) -> u64 {
-        self.train.iter().map(|d| d.len() as u64).sum()
+        self.train.tokens()
+    }
+
+    /// The cache entry the source reads.
+    pub fn cache(&self) -> &TokenCache {
+        self.train.cache()
     }
 }
 
@@ -202,6 +232,14 @@ impl std::fmt::Debug for DataPipeline {
     }
 }
 
+/// Where a recipe's token cache lives: `data.cache_dir`, or `<run.out_dir>/.cache`.
+pub fn cache_root(recipe: &Recipe) -> PathBuf {
+    match &recipe.data.cache_dir {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(&recipe.run.out_dir).join(".cache"),
+    }
+}
+
 /// The tokenizer a recipe asks for.
 pub fn tokenizer_for(recipe: &Recipe) -> Result<Box<dyn Tokenizer>, DataError> {
     let t = &recipe.tokenizer;
@@ -236,8 +274,18 @@ pub fn tokenize_document(tokenizer: &dyn Tokenizer, doc: &Document) -> Doc {
 }
 
 impl DataPipeline {
-    /// Reads and tokenizes every source of the recipe and splits off held-out documents.
+    /// Opens (building where needed) every source's token cache and splits off held-out
+    /// documents.
     pub fn new(recipe: &Recipe, model_vocab: usize) -> Result<Self, DataError> {
+        Self::with_log(recipe, model_vocab, &mut |_| {})
+    }
+
+    /// [`DataPipeline::new`], telling `log` about cache builds.
+    pub fn with_log(
+        recipe: &Recipe,
+        model_vocab: usize,
+        log: &mut dyn FnMut(String),
+    ) -> Result<Self, DataError> {
         let tokenizer = tokenizer_for(recipe)?;
         if model_vocab < tokenizer.vocab_size() {
             return Err(DataError::Vocab {
@@ -246,26 +294,21 @@ impl DataPipeline {
                 tokenizer: tokenizer.vocab_size(),
             });
         }
+        let root = cache_root(recipe);
         let mut sources = Vec::new();
         for (i, src) in recipe.data.sources.iter().enumerate() {
-            let docs = read_documents(src, i)?;
-            let n = docs.len();
+            let cache = TokenCache::open_or_build(src, i, tokenizer.as_ref(), &root, log)?;
+            let n = cache.documents();
             // Hold out the last documents, but always leave one to train on.
             let held = if n < 2 || recipe.data.eval_holdout == 0.0 {
                 0
             } else {
                 ((n as f64 * recipe.data.eval_holdout).ceil() as usize).clamp(1, n - 1)
             };
-            let mut ids: Vec<Doc> = docs
-                .iter()
-                .map(|d| tokenize_document(tokenizer.as_ref(), d))
-                .collect();
-            let heldout = ids.split_off(n - held);
             sources.push(PreparedSource {
                 name: src.name.clone(),
-                train: ids,
-                heldout,
-                origins: docs[..n - held].iter().map(|d| d.origin.clone()).collect(),
+                train: cache.view(0..n - held),
+                heldout: cache.view(n - held..n),
             });
         }
         Ok(Self {
@@ -468,6 +511,7 @@ num_attention_heads = 2
 num_key_value_heads = 1
 [data]
 eval_holdout = 0.0
+cache_dir = "{cache}"
 [[data.sources]]
 name = "a"
 format = "text"
@@ -483,6 +527,7 @@ window = 8
 windowing = "pack"
 steps = 10
 "#,
+            cache = dir.join("cache").display(),
             a = dir.join("a.txt").display(),
             b = dir.join("b.jsonl").display()
         );

@@ -1,8 +1,10 @@
-//! Reading documents from sources: plain text and JSONL.
+//! Reading documents from sources: plain text and JSONL here, Parquet and Arrow in
+//! `columnar`. Sources are read in chunks (a file, a row group, a record batch) handed to a
+//! sink, so a source is never held whole in memory.
 
 use std::path::{Path, PathBuf};
 
-use kiln_recipe::{Source, SourceFormat, TextSplit};
+use kiln_recipe::{BadRow, Source, SourceFormat, TextSplit};
 
 use crate::DataError;
 
@@ -18,8 +20,47 @@ pub struct Document {
     pub trained: Option<Vec<std::ops::Range<usize>>>,
 }
 
-/// The files of a source: the path itself, or the sorted regular files of a directory.
+/// What reading a source met.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReadStats {
+    /// Files read.
+    pub files: u64,
+    /// Rows (JSONL lines, Parquet/Arrow rows) read, skipped ones included.
+    pub rows: u64,
+    /// Rows dropped by `on_bad_row = "skip"`.
+    pub skipped: u64,
+    /// Empty shards passed over by `on_bad_row = "skip"`.
+    pub empty_files: u64,
+    /// Why the first skipped row was skipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_skip: Option<String>,
+}
+
+/// Whether a path holds glob characters.
+fn is_glob(path: &str) -> bool {
+    path.contains(['*', '?', '['])
+}
+
+/// The files of a source: the path itself, the sorted regular files of a directory, or
+/// the sorted matches of a glob.
 pub fn source_files(source: &Source, index: usize) -> Result<Vec<PathBuf>, DataError> {
+    if is_glob(&source.path) {
+        let bad = |message: String| DataError::SourcePath {
+            key: format!("data.sources[{index}].path"),
+            path: PathBuf::from(&source.path),
+            message,
+        };
+        let mut files: Vec<PathBuf> = glob::glob(&source.path)
+            .map_err(|e| bad(format!("not a valid glob: {e}")))?
+            .filter_map(Result::ok)
+            .filter(|p| p.is_file())
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(bad("the glob matches no files".to_string()));
+        }
+        return Ok(files);
+    }
     let path = Path::new(&source.path);
     let meta = std::fs::metadata(path).map_err(|e| DataError::SourcePath {
         key: format!("data.sources[{index}].path"),
@@ -68,43 +109,98 @@ pub fn source_files(source: &Source, index: usize) -> Result<Vec<PathBuf>, DataE
     Ok(files)
 }
 
-/// Reads every document of a source, in order.
+/// Reads every document of a source, in order, into memory (for small sources and
+/// tokenizer training; the pipeline streams through [`read_source`]).
 pub fn read_documents(source: &Source, index: usize) -> Result<Vec<Document>, DataError> {
     let mut docs = Vec::new();
+    read_source(source, index, &mut |chunk| {
+        docs.extend(chunk);
+        Ok(())
+    })?;
+    Ok(docs)
+}
+
+/// Reads a source's documents in order, one chunk (a text or JSONL file, a Parquet row
+/// group, an Arrow record batch) at a time, handing each to `sink`.
+pub fn read_source(
+    source: &Source,
+    index: usize,
+    sink: &mut dyn FnMut(Vec<Document>) -> Result<(), DataError>,
+) -> Result<ReadStats, DataError> {
+    let mut stats = ReadStats::default();
+    let mut any = false;
+    let mut counting = |chunk: Vec<Document>| {
+        any |= !chunk.is_empty();
+        sink(chunk)
+    };
     for file in source_files(source, index)? {
-        let bytes = std::fs::read(&file).map_err(|source| DataError::Io {
-            path: file.clone(),
-            source,
-        })?;
-        let text = String::from_utf8(bytes).map_err(|e| {
-            let valid = e.utf8_error().valid_up_to();
-            let line = e.as_bytes()[..valid]
-                .iter()
-                .filter(|b| **b == b'\n')
-                .count()
-                + 1;
-            DataError::NotUtf8 {
-                path: file.clone(),
-                line,
-            }
-        })?;
+        stats.files += 1;
         match source.format {
-            SourceFormat::Text => read_text(&text, &file, source.split, &mut docs),
-            SourceFormat::Jsonl => match &source.messages_field {
-                Some(field) => {
-                    read_chat_jsonl(&text, &file, field, &source.tools_field, &mut docs)?
+            SourceFormat::Parquet => {
+                crate::columnar::read_parquet(&file, source, &mut stats, &mut counting)?
+            }
+            SourceFormat::Arrow => {
+                crate::columnar::read_arrow(&file, source, &mut stats, &mut counting)?
+            }
+            SourceFormat::Text | SourceFormat::Jsonl => {
+                let text = read_utf8(&file)?;
+                let mut docs = Vec::new();
+                match (source.format, &source.messages_field) {
+                    (SourceFormat::Text, _) => read_text(&text, &file, source.split, &mut docs),
+                    (_, Some(field)) => read_chat_jsonl(
+                        &text,
+                        &file,
+                        field,
+                        &source.tools_field,
+                        source.on_bad_row,
+                        &mut stats,
+                        &mut docs,
+                    )?,
+                    (_, None) => read_jsonl(&text, &file, source, &mut stats, &mut docs)?,
                 }
-                None => read_jsonl(&text, &file, &source.text_field, &mut docs)?,
-            },
+                counting(docs)?;
+            }
         }
     }
-    if docs.is_empty() {
+    if !any {
         return Err(DataError::EmptySource {
             name: source.name.clone(),
             path: PathBuf::from(&source.path),
         });
     }
-    Ok(docs)
+    Ok(stats)
+}
+
+fn read_utf8(file: &Path) -> Result<String, DataError> {
+    let bytes = std::fs::read(file).map_err(|source| DataError::Io {
+        path: file.to_path_buf(),
+        source,
+    })?;
+    String::from_utf8(bytes).map_err(|e| {
+        let valid = e.utf8_error().valid_up_to();
+        let line = e.as_bytes()[..valid]
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count()
+            + 1;
+        DataError::NotUtf8 {
+            path: file.to_path_buf(),
+            line,
+        }
+    })
+}
+
+/// Applies the skip policy to a row's error.
+fn skip_or(policy: BadRow, stats: &mut ReadStats, err: DataError) -> Result<(), DataError> {
+    if policy == BadRow::Skip {
+        stats.skipped += 1;
+        if stats.first_skip.is_none() {
+            stats.first_skip = Some(err.to_string());
+        }
+        Ok(())
+    } else {
+        Err(err)
+    }
 }
 
 fn read_text(text: &str, file: &Path, split: TextSplit, docs: &mut Vec<Document>) {
@@ -174,40 +270,68 @@ fn parse_row(
 fn read_jsonl(
     text: &str,
     file: &Path,
-    field: &str,
+    source: &Source,
+    stats: &mut ReadStats,
     docs: &mut Vec<Document>,
 ) -> Result<(), DataError> {
     for (i, line) in text.lines().enumerate() {
         let line_no = i + 1;
-        let Some(obj) = parse_row(line, file, line_no)? else {
+        if line.trim().is_empty() {
             continue;
-        };
-        let text = match obj.get(field) {
-            None => {
-                return Err(DataError::MissingField {
-                    path: file.to_path_buf(),
-                    line: line_no,
-                    field: field.to_string(),
-                });
-            }
-            Some(serde_json::Value::String(s)) => s,
-            Some(other) => {
-                return Err(DataError::Json {
-                    path: file.to_path_buf(),
-                    line: line_no,
-                    message: format!("field `{field}` is {}, expected a string", json_kind(other)),
-                });
-            }
-        };
-        if !text.trim().is_empty() {
-            docs.push(Document {
-                text: text.clone(),
+        }
+        stats.rows += 1;
+        match jsonl_text(line, file, line_no, source) {
+            Ok(text) if !text.trim().is_empty() => docs.push(Document {
+                text,
                 origin: format!("{}:{line_no}", file.display()),
                 trained: None,
-            });
+            }),
+            Ok(_) => {}
+            Err(e) => skip_or(source.on_bad_row, stats, e)?,
         }
     }
     Ok(())
+}
+
+/// The document text of one JSONL row: its `text_field`, or its `template` rendered.
+fn jsonl_text(
+    line: &str,
+    file: &Path,
+    line_no: usize,
+    source: &Source,
+) -> Result<String, DataError> {
+    let obj = parse_row(line, file, line_no)?.unwrap_or_default();
+    let field_str = |field: &str| -> Result<&str, DataError> {
+        match obj.get(field) {
+            None => Err(DataError::MissingField {
+                path: file.to_path_buf(),
+                line: line_no,
+                field: field.to_string(),
+            }),
+            Some(serde_json::Value::String(s)) => Ok(s),
+            Some(other) => Err(DataError::Json {
+                path: file.to_path_buf(),
+                line: line_no,
+                message: format!("field `{field}` is {}, expected a string", json_kind(other)),
+            }),
+        }
+    };
+    match &source.template {
+        None => field_str(&source.text_field).map(str::to_string),
+        Some(t) => {
+            let fields = kiln_recipe::template_fields(t).unwrap_or_default();
+            let mut values = Vec::with_capacity(fields.len());
+            for f in &fields {
+                values.push((f.as_str(), field_str(f)?));
+            }
+            Ok(kiln_recipe::render_template(t, |name| {
+                values
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map_or("", |(_, v)| v)
+            }))
+        }
+    }
 }
 
 /// Reads chat rows (`{"messages": [...], "tools": [...]}`) and renders each with the
@@ -217,13 +341,34 @@ fn read_chat_jsonl(
     file: &Path,
     messages_field: &str,
     tools_field: &str,
+    policy: BadRow,
+    stats: &mut ReadStats,
     docs: &mut Vec<Document>,
 ) -> Result<(), DataError> {
     for (i, line) in text.lines().enumerate() {
         let line_no = i + 1;
-        let Some(mut obj) = parse_row(line, file, line_no)? else {
+        if line.trim().is_empty() {
             continue;
-        };
+        }
+        stats.rows += 1;
+        match chat_row(line, file, line_no, messages_field, tools_field) {
+            Ok(doc) => docs.push(doc),
+            Err(e) => skip_or(policy, stats, e)?,
+        }
+    }
+    Ok(())
+}
+
+/// One chat row rendered with the Qwen2.5 template, assistant spans trained.
+fn chat_row(
+    line: &str,
+    file: &Path,
+    line_no: usize,
+    messages_field: &str,
+    tools_field: &str,
+) -> Result<Document, DataError> {
+    {
+        let mut obj = parse_row(line, file, line_no)?.unwrap_or_default();
         let json_err = |message: String| DataError::Json {
             path: file.to_path_buf(),
             line: line_no,
@@ -249,13 +394,12 @@ fn read_chat_jsonl(
                 line: line_no,
                 message: e.to_string(),
             })?;
-        docs.push(Document {
+        Ok(Document {
             text: rendered.text,
             origin: format!("{}:{line_no}", file.display()),
             trained: Some(rendered.trained),
-        });
+        })
     }
-    Ok(())
 }
 
 fn json_kind(v: &serde_json::Value) -> &'static str {

@@ -26,6 +26,8 @@ pub trait Tokenizer: Send + Sync {
     fn token_id(&self, token: &str) -> Option<u32>;
     /// How many bytes of text an id stands for (0 for special tokens); used for bits/byte.
     fn token_bytes(&self, id: u32) -> usize;
+    /// A string that changes whenever the ids of some text would: keys the token cache.
+    fn identity(&self) -> String;
 }
 
 /// Byte-level tokenizer: 256 byte ids plus special tokens.
@@ -109,6 +111,10 @@ impl Tokenizer for ByteTokenizer {
     fn token_bytes(&self, id: u32) -> usize {
         usize::from(id < 256)
     }
+
+    fn identity(&self) -> String {
+        "bytes-1".to_string()
+    }
 }
 
 /// A Hugging Face tokenizer (`tokenizer.json`).
@@ -117,6 +123,8 @@ pub struct HfTokenizer {
     eos: u32,
     pad: u32,
     bytes: Vec<usize>,
+    /// SHA-256 of the `tokenizer.json` bytes.
+    sha256: String,
 }
 
 impl std::fmt::Debug for HfTokenizer {
@@ -151,7 +159,16 @@ impl HfTokenizer {
                 message: "not found".to_string(),
             });
         }
-        let inner = tokenizers::Tokenizer::from_file(&file).map_err(|e| DataError::Tokenizer {
+        let raw = std::fs::read(&file).map_err(|source| DataError::Io {
+            path: file.clone(),
+            source,
+        })?;
+        let sha256 = {
+            use sha2::Digest;
+            let digest = sha2::Sha256::digest(&raw);
+            digest.iter().map(|b| format!("{b:02x}")).collect()
+        };
+        let inner = tokenizers::Tokenizer::from_bytes(&raw).map_err(|e| DataError::Tokenizer {
             path: file.clone(),
             message: format!("cannot load: {e}"),
         })?;
@@ -200,6 +217,7 @@ impl HfTokenizer {
             eos,
             pad,
             bytes,
+            sha256,
         })
     }
 
@@ -240,6 +258,10 @@ impl Tokenizer for HfTokenizer {
 
     fn token_bytes(&self, id: u32) -> usize {
         self.bytes.get(id as usize).copied().unwrap_or(0)
+    }
+
+    fn identity(&self) -> String {
+        format!("hf-{}-eos{}-pad{}", self.sha256, self.eos, self.pad)
     }
 }
 

@@ -64,31 +64,79 @@ impl Doc {
         self.trained.as_ref().is_none_or(|t| t[i])
     }
 
-    /// Trained spans (maximal runs of trained tokens) with at least one token at or after
-    /// `from`.
-    fn spans_reaching(&self, from: usize) -> u64 {
-        let mut n = 0;
-        let mut inside = false;
-        for i in 0..self.len() {
-            let t = self.trained_at(i);
-            if t && !inside && (i >= from || self.span_end(i) > from) {
-                n += 1;
-            }
-            inside = t;
-        }
-        n
-    }
-
-    /// One past the last token of the trained span starting at `start`.
-    fn span_end(&self, start: usize) -> usize {
-        (start..self.len())
-            .find(|&i| !self.trained_at(i))
-            .unwrap_or(self.len())
-    }
-
     /// Target tokens trained on in a full pass (every token but the first).
     pub fn trainable_targets(&self) -> u64 {
         (1..self.len()).filter(|&i| self.trained_at(i)).count() as u64
+    }
+}
+
+/// Tokenized documents addressed by index: in memory (`[Doc]`) or in the on-disk cache.
+pub trait Docs {
+    /// Number of documents.
+    fn count(&self) -> usize;
+    /// Tokens of document `i`.
+    fn doc_len(&self, i: usize) -> usize;
+    /// Appends the ids of tokens `range` of document `i` to `out`.
+    fn extend_ids(&self, i: usize, range: std::ops::Range<usize>, out: &mut Vec<u32>);
+    /// Whether token `j` of document `i` is trained on as a target.
+    fn trained_at(&self, i: usize, j: usize) -> bool;
+
+    /// Trained spans (maximal runs of trained tokens) of document `i` with at least one
+    /// token at or after `from`.
+    fn spans_reaching(&self, i: usize, from: usize) -> u64 {
+        let len = self.doc_len(i);
+        let mut n = 0;
+        let mut inside = false;
+        let mut j = 0;
+        while j < len {
+            let t = self.trained_at(i, j);
+            if t && !inside {
+                // One past the span's last token.
+                let end = (j..len).find(|&k| !self.trained_at(i, k)).unwrap_or(len);
+                if end > from {
+                    n += 1;
+                }
+            }
+            inside = t;
+            j += 1;
+        }
+        n
+    }
+}
+
+impl Docs for Vec<Doc> {
+    fn count(&self) -> usize {
+        self.as_slice().count()
+    }
+
+    fn doc_len(&self, i: usize) -> usize {
+        self.as_slice().doc_len(i)
+    }
+
+    fn extend_ids(&self, i: usize, range: std::ops::Range<usize>, out: &mut Vec<u32>) {
+        self.as_slice().extend_ids(i, range, out);
+    }
+
+    fn trained_at(&self, i: usize, j: usize) -> bool {
+        self.as_slice().trained_at(i, j)
+    }
+}
+
+impl Docs for [Doc] {
+    fn count(&self) -> usize {
+        self.len()
+    }
+
+    fn doc_len(&self, i: usize) -> usize {
+        self[i].len()
+    }
+
+    fn extend_ids(&self, i: usize, range: std::ops::Range<usize>, out: &mut Vec<u32>) {
+        out.extend_from_slice(&self[i].ids[range]);
+    }
+
+    fn trained_at(&self, i: usize, j: usize) -> bool {
+        self[i].trained_at(j)
     }
 }
 
@@ -124,8 +172,8 @@ pub struct WindowSpec {
 ///
 /// `docs` must be non-empty and every document must hold at least two tokens (text plus
 /// end-of-text), which the pipeline guarantees.
-pub fn next_window(
-    docs: &[Doc],
+pub fn next_window<D: Docs + ?Sized>(
+    docs: &D,
     cursor: &mut SourceCursor,
     counts: &mut SourceCounts,
     spec: WindowSpec,
@@ -137,11 +185,12 @@ pub fn next_window(
     let mut mask = vec![0.0f32; w];
     match spec.mode {
         Windowing::Belt => {
-            let doc = &docs[cursor.document];
+            let d = cursor.document;
+            let len = docs.doc_len(d);
             let start = cursor.offset;
-            let end = (start + w + 1).min(doc.len());
-            tokens.extend_from_slice(&doc.ids[start..end]);
-            trainable.extend((start..end).map(|i| doc.trained_at(i)));
+            let end = (start + w + 1).min(len);
+            docs.extend_ids(d, start..end, &mut tokens);
+            trainable.extend((start..end).map(|i| docs.trained_at(d, i)));
             let targets = end - start - 1;
             // Positions below `skip` predict tokens the previous window already trained.
             let skip = if start > 0 {
@@ -153,7 +202,7 @@ pub fn next_window(
                 *m = 1.0;
             }
             counts.overlap += skip as u64;
-            if end >= doc.len() {
+            if end >= len {
                 advance_document(docs, cursor);
             } else {
                 cursor.offset = start + w - spec.overlap;
@@ -163,12 +212,14 @@ pub fn next_window(
             // Consecutive windows share one boundary token, so every token of the stream is
             // a target exactly once.
             while tokens.len() < w + 1 {
-                let doc = &docs[cursor.document];
-                let take = (w + 1 - tokens.len()).min(doc.len() - cursor.offset);
-                tokens.extend_from_slice(&doc.ids[cursor.offset..cursor.offset + take]);
-                trainable.extend((cursor.offset..cursor.offset + take).map(|i| doc.trained_at(i)));
+                let d = cursor.document;
+                let len = docs.doc_len(d);
+                let take = (w + 1 - tokens.len()).min(len - cursor.offset);
+                let range = cursor.offset..cursor.offset + take;
+                docs.extend_ids(d, range.clone(), &mut tokens);
+                trainable.extend(range.map(|i| docs.trained_at(d, i)));
                 cursor.offset += take;
-                if cursor.offset >= doc.len() {
+                if cursor.offset >= len {
                     advance_document(docs, cursor);
                 }
             }
@@ -181,16 +232,17 @@ pub fn next_window(
             mask.fill(1.0);
         }
         Windowing::Truncate => {
-            let doc = &docs[cursor.document];
-            let end = (w + 1).min(doc.len());
-            tokens.extend_from_slice(&doc.ids[..end]);
-            trainable.extend((0..end).map(|i| doc.trained_at(i)));
+            let d = cursor.document;
+            let len = docs.doc_len(d);
+            let end = (w + 1).min(len);
+            docs.extend_ids(d, 0..end, &mut tokens);
+            trainable.extend((0..end).map(|i| docs.trained_at(d, i)));
             for m in &mut mask[..end - 1] {
                 *m = 1.0;
             }
-            counts.dropped += (doc.len() - end) as u64;
-            if end < doc.len() {
-                counts.turns_cut += doc.spans_reaching(end);
+            counts.dropped += (len - end) as u64;
+            if end < len {
+                counts.turns_cut += docs.spans_reaching(d, end);
             }
             advance_document(docs, cursor);
         }
@@ -209,10 +261,10 @@ pub fn next_window(
     Window { tokens, mask }
 }
 
-fn advance_document(docs: &[Doc], cursor: &mut SourceCursor) {
+fn advance_document<D: Docs + ?Sized>(docs: &D, cursor: &mut SourceCursor) {
     cursor.offset = 0;
     cursor.document += 1;
-    if cursor.document >= docs.len() {
+    if cursor.document >= docs.count() {
         cursor.document = 0;
         cursor.epoch += 1;
     }
@@ -220,14 +272,14 @@ fn advance_document(docs: &[Doc], cursor: &mut SourceCursor) {
 
 /// Moves a cursor that sits at the start of a document back onto the previous document's
 /// last token (crossing an epoch boundary backwards if needed).
-fn retreat_to_last_token(docs: &[Doc], cursor: &mut SourceCursor) {
+fn retreat_to_last_token<D: Docs + ?Sized>(docs: &D, cursor: &mut SourceCursor) {
     if cursor.document == 0 {
-        cursor.document = docs.len() - 1;
+        cursor.document = docs.count() - 1;
         cursor.epoch -= 1;
     } else {
         cursor.document -= 1;
     }
-    cursor.offset = docs[cursor.document].len() - 1;
+    cursor.offset = docs.doc_len(cursor.document) - 1;
 }
 
 #[cfg(test)]
@@ -325,7 +377,7 @@ mod tests {
         };
         let mut c = SourceCursor::default();
         let mut n = SourceCounts::default();
-        let w = next_window(&[doc], &mut c, &mut n, spec(4, Windowing::Belt, 0));
+        let w = next_window(&[doc][..], &mut c, &mut n, spec(4, Windowing::Belt, 0));
         // Targets are tokens 2..=5: trained flags true, true, false of tokens 3, 4, 5.
         assert_eq!(w.mask, vec![0.0, 1.0, 1.0, 0.0]);
         assert_eq!(n.trained, 2);
@@ -377,7 +429,7 @@ mod tests {
         assert_eq!(n.turns_cut, 1);
         // A window of 2 keeps tokens 0..=2: the first turn loses token 3, the second is gone.
         let (mut c, mut n) = (SourceCursor::default(), SourceCounts::default());
-        next_window(&[doc], &mut c, &mut n, spec(2, Windowing::Truncate, 0));
+        next_window(&[doc][..], &mut c, &mut n, spec(2, Windowing::Truncate, 0));
         assert_eq!(n.turns_cut, 2);
     }
 }

@@ -21,6 +21,10 @@ fn chat_source() -> Source {
         text_field: "text".to_string(),
         messages_field: Some("messages".to_string()),
         tools_field: "tools".to_string(),
+        template: None,
+        min_tokens: None,
+        max_tokens: None,
+        on_bad_row: Default::default(),
     }
 }
 

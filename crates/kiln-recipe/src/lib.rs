@@ -261,6 +261,71 @@ impl Recipe {
     }
 }
 
+/// The column names a source `template` refers to, in order of first use; `{{` and `}}`
+/// are literal braces.
+pub fn template_fields(template: &str) -> Result<Vec<String>, String> {
+    let mut fields: Vec<String> = Vec::new();
+    let mut chars = template.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '{' if chars.peek() == Some(&'{') => {
+                chars.next();
+            }
+            '}' if chars.peek() == Some(&'}') => {
+                chars.next();
+            }
+            '{' => {
+                let mut name = String::new();
+                let mut closed = false;
+                for c in chars.by_ref() {
+                    if c == '}' {
+                        closed = true;
+                        break;
+                    }
+                    name.push(c);
+                }
+                if !closed || name.is_empty() || name.contains('{') {
+                    return Err(format!("`{{{name}` is not a column placeholder `{{name}}`"));
+                }
+                if !fields.contains(&name) {
+                    fields.push(name);
+                }
+            }
+            '}' => return Err("unmatched `}` (write `}}` for a literal brace)".to_string()),
+            _ => {}
+        }
+    }
+    if fields.is_empty() {
+        return Err("names no column: write columns as `{name}`".to_string());
+    }
+    Ok(fields)
+}
+
+/// Renders a template (checked by [`template_fields`]) with `value(column)` for each
+/// placeholder.
+pub fn render_template<'a>(template: &str, mut value: impl FnMut(&str) -> &'a str) -> String {
+    let mut out = String::with_capacity(template.len() * 4);
+    let mut chars = template.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '{' if chars.peek() == Some(&'{') => {
+                chars.next();
+                out.push('{');
+            }
+            '}' if chars.peek() == Some(&'}') => {
+                chars.next();
+                out.push('}');
+            }
+            '{' => {
+                let name: String = chars.by_ref().take_while(|c| *c != '}').collect();
+                out.push_str(value(&name));
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// Parses `"90s"`, `"45m"`, `"2h"`, `"1h30m"` or a bare number of seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();

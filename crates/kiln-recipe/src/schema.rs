@@ -301,6 +301,11 @@ pub struct DataSection {
     /// held out for evaluation and never trained on.
     #[serde(default = "default_eval_holdout")]
     pub eval_holdout: f64,
+    /// Where tokenized sources are cached (token ids and loss masks, memory-mapped), keyed
+    /// by the source's files and settings and the tokenizer; default `<run.out_dir>/.cache`,
+    /// so runs in one output directory share it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_dir: Option<String>,
     /// The sources, each with a unique name that phases refer to.
     pub sources: Vec<Source>,
 }
@@ -317,15 +322,31 @@ pub struct Source {
     pub name: String,
     /// File format.
     pub format: SourceFormat,
-    /// A file, or a directory whose files (sorted by name) are read in order.
+    /// A file, a directory whose files (sorted by name, hidden ones skipped) are read in
+    /// order, or a glob such as `shards/train-*.parquet` (matches sorted by name).
     pub path: String,
     /// For `text`: one document per file (`file`) or per blank-line-separated block
     /// (`blank_line`).
     #[serde(default)]
     pub split: TextSplit,
-    /// For `jsonl`: the field holding the document text.
+    /// For `jsonl`, `parquet` and `arrow`: the field (column) holding the document text.
     #[serde(default = "default_text_field")]
     pub text_field: String,
+    /// For `parquet` and `arrow` (and `jsonl`): build each document from several string
+    /// columns instead of `text_field`, e.g. `"{query}\n\n{reasoning}\n\n{answer}"`;
+    /// `{{` and `}}` are literal braces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    /// Drop documents shorter than this many tokens (end-of-text included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_tokens: Option<usize>,
+    /// Drop documents longer than this many tokens (end-of-text included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<usize>,
+    /// What a row that cannot be read does (a null or non-string value, malformed chat):
+    /// `error` stops with the file, row group and column; `skip` drops the row and counts it.
+    #[serde(default)]
+    pub on_bad_row: BadRow,
     /// For `jsonl` chat rows: the field holding the messages (system/user/assistant/tool,
     /// assistant `tool_calls`). Rows are rendered with the Qwen2.5 ChatML template and only
     /// assistant turns are trained on.
@@ -352,6 +373,34 @@ pub enum SourceFormat {
     Text,
     /// One JSON object per line.
     Jsonl,
+    /// Apache Parquet, read one row group at a time.
+    Parquet,
+    /// Apache Arrow IPC, file or stream format (e.g. Hugging Face `datasets` cache files),
+    /// read one record batch at a time.
+    Arrow,
+}
+
+impl SourceFormat {
+    /// The name as written in recipes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Text => "text",
+            Self::Jsonl => "jsonl",
+            Self::Parquet => "parquet",
+            Self::Arrow => "arrow",
+        }
+    }
+}
+
+/// What to do with a row that cannot be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BadRow {
+    /// Stop with an error naming the file, row and column.
+    #[default]
+    Error,
+    /// Drop the row and count it (logged, and shown by `kiln data inspect`).
+    Skip,
 }
 
 /// How a text file is split into documents.

@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use crate::{ModelFamily, Recipe, ValidationError, parse_duration};
+use crate::{ModelFamily, Recipe, SourceFormat, ValidationError, parse_duration};
 
 struct Errors<'a> {
     path: &'a Path,
@@ -227,6 +227,30 @@ impl Recipe {
                 format!("{key}.text_field"),
                 "must not be empty",
             );
+            if let Some(t) = &s.template {
+                if let Err(m) = crate::template_fields(t) {
+                    e.push(format!("{key}.template"), m);
+                }
+                if s.format == SourceFormat::Text {
+                    e.push(
+                        format!("{key}.template"),
+                        "applies to jsonl, parquet and arrow rows, not `text`",
+                    );
+                }
+                if s.messages_field.is_some() {
+                    e.push(
+                        format!("{key}.template"),
+                        "give `template` or `messages_field`, not both",
+                    );
+                }
+            }
+            if let (Some(lo), Some(hi)) = (s.min_tokens, s.max_tokens) {
+                e.check(
+                    lo <= hi,
+                    format!("{key}.min_tokens"),
+                    format!("{lo} exceeds max_tokens {hi}"),
+                );
+            }
         }
     }
 

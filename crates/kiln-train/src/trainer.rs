@@ -127,7 +127,9 @@ pub fn train<B: KilnAutodiffBackend>(
 ) -> Result<Outcome, TrainError> {
     let started = Instant::now();
     let spec = ModelSpec::from_recipe(recipe)?;
-    let data = DataPipeline::new(recipe, spec.vocab_size())?;
+    let data = DataPipeline::with_log(recipe, spec.vocab_size(), &mut |m| {
+        observer.event(Event::Info(m));
+    })?;
     let schedule = Schedule::new(recipe);
     let phase_steps = recipe.phase_steps();
     let total_steps = recipe.total_steps();
