@@ -44,8 +44,8 @@ fn write_parquet(path: &Path, columns: &[(&str, Vec<Option<String>>)], group: us
     let props = WriterProperties::builder()
         .set_max_row_group_row_count(Some(group))
         .build();
-    let mut w = ArrowWriter::try_new(std::fs::File::create(path).unwrap(), schema, Some(props))
-        .unwrap();
+    let mut w =
+        ArrowWriter::try_new(std::fs::File::create(path).unwrap(), schema, Some(props)).unwrap();
     w.write(&batch).unwrap();
     w.close().unwrap();
 }
@@ -71,9 +71,7 @@ fn corpus(dir: &Path) {
         let q: Vec<Option<String>> = (0..30)
             .map(|r| Some(format!("what is {}?", sentence(shard * 50 + r, 3))))
             .collect();
-        let a: Vec<Option<String>> = (0..30)
-            .map(|r| Some(sentence(shard * 77 + r, 6)))
-            .collect();
+        let a: Vec<Option<String>> = (0..30).map(|r| Some(sentence(shard * 77 + r, 6))).collect();
         write_parquet(
             &qa.join(format!("part-{shard}.parquet")),
             &[("question", q), ("answer", a)],
@@ -157,7 +155,11 @@ fn parquet_mixture_resumes_exactly_mid_row_group_and_reuses_the_cache() {
     assert_ok(&run(&["resume", split.to_str().unwrap()]));
     let straight_losses = losses(&dir.path().join("runs/straight"));
     assert_eq!(straight_losses.len(), 12);
-    assert_eq!(straight_losses, losses(&split), "resumed run saw other windows");
+    assert_eq!(
+        straight_losses,
+        losses(&split),
+        "resumed run saw other windows"
+    );
     // The mixture drew from both sources.
     let cursor: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(split.join("checkpoints/step-00000012/state.json")).unwrap(),
@@ -165,10 +167,47 @@ fn parquet_mixture_resumes_exactly_mid_row_group_and_reuses_the_cache() {
     .unwrap();
     for name in ["stories", "qa"] {
         assert!(
-            cursor["cursor"]["counts"][name]["windows"].as_u64().unwrap() > 0,
+            cursor["cursor"]["counts"][name]["windows"]
+                .as_u64()
+                .unwrap()
+                > 0,
             "{cursor}"
         );
     }
+}
+
+#[test]
+fn data_inspect_shows_rows_lengths_windowing_and_masked_samples() {
+    let dir = tempfile::tempdir().unwrap();
+    corpus(dir.path());
+    let r = recipe(dir.path(), "");
+    let out = run(&["data", "inspect", r.to_str().unwrap(), "--samples", "1"]);
+    assert_ok(&out);
+    let text = stdout(&out);
+    for want in [
+        "source `stories` (parquet, 3 files, data.sources[0])",
+        "rows 120 | documents 120 (6 held out)",
+        "source `qa` (parquet, 2 files, data.sources[1])",
+        "document length (tokens): min ",
+        "phases[0] belt x 48: one pass = ",
+        "part-0.parquet: row group 0, row 0):",
+        "| Q: what is ",
+    ] {
+        assert!(text.contains(want), "`{want}` not in:\n{text}");
+    }
+    // Chat sources show what is trained.
+    let chat = run(&[
+        "data",
+        "inspect",
+        "recipes/smoke/qwen2-qlora-tiny.toml",
+        "--set",
+        &format!(
+            "data.cache_dir={:?}",
+            dir.path().join("c").display().to_string()
+        ),
+    ]);
+    assert_ok(&chat);
+    assert!(stdout(&chat).contains("    | ⟦"), "{}", stdout(&chat));
 }
 
 #[test]
@@ -265,7 +304,11 @@ fn bad_parquet_input_names_file_row_group_row_and_column() {
     write_parquet(&stories.join("part-1.parquet"), &[("text", rows)], 7);
     expect_err(
         "",
-        &["part-1.parquet: row group 1, row 2", "column `text`: null", "on_bad_row"],
+        &[
+            "part-1.parquet: row group 1, row 2",
+            "column `text`: null",
+            "on_bad_row",
+        ],
     );
     // With on_bad_row = "skip" the row is dropped and counted.
     let out = train_stories(dir.path(), "on_bad_row = \"skip\"");
@@ -282,7 +325,11 @@ fn bad_parquet_input_names_file_row_group_row_and_column() {
         &["part-0.parquet", "no column `body` (columns: `text`)"],
     );
     // A column of the wrong type.
-    let schema = Arc::new(Schema::new(vec![Field::new("text", DataType::Int64, false)]));
+    let schema = Arc::new(Schema::new(vec![Field::new(
+        "text",
+        DataType::Int64,
+        false,
+    )]));
     let batch = RecordBatch::try_new(
         schema.clone(),
         vec![Arc::new(Int64Array::from(vec![1, 2, 3])) as ArrayRef],
@@ -298,7 +345,10 @@ fn bad_parquet_input_names_file_row_group_row_and_column() {
     w.close().unwrap();
     expect_err(
         "",
-        &["part-1.parquet", "column `text` is Int64, expected a string column"],
+        &[
+            "part-1.parquet",
+            "column `text` is Int64, expected a string column",
+        ],
     );
     // An empty shard.
     write_parquet(&stories.join("part-1.parquet"), &[("text", Vec::new())], 7);

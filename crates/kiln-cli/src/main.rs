@@ -1,6 +1,7 @@
 //! `kiln`: train language models from declarative TOML recipes.
 
 mod backend;
+mod data;
 mod generate;
 mod inspect;
 mod progress;
@@ -61,6 +62,23 @@ enum TokenizerCommand {
         /// Where to write tokenizer.json.
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Per source: rows, documents, tokens, skipped and filtered rows, a length histogram,
+    /// what each phase's windowing keeps and drops, and rendered samples with the loss mask
+    /// shown (trained text between `⟦` and `⟧` for chat sources). Builds the token cache.
+    Inspect {
+        /// The recipe file (TOML).
+        recipe: PathBuf,
+        /// Override a recipe key, as for `train`.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Samples to render per source.
+        #[arg(long, value_name = "N", default_value_t = 2)]
+        samples: usize,
     },
 }
 
@@ -181,6 +199,11 @@ enum Command {
     Tokenizer {
         #[command(subcommand)]
         action: TokenizerCommand,
+    },
+    /// Look at a recipe's data: what it reads, how it tokenizes and what training will see.
+    Data {
+        #[command(subcommand)]
+        action: DataCommand,
     },
     /// Show the resolved recipe, parameter count, tokens per step, data and memory estimate.
     Inspect {
@@ -466,6 +489,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 texts.len()
             );
             println!("{}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Data {
+            action:
+                DataCommand::Inspect {
+                    recipe,
+                    set,
+                    samples,
+                },
+        } => {
+            let loaded = kiln_recipe::load(&recipe, &set)?;
+            data::inspect(&loaded.recipe, samples)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Inspect {

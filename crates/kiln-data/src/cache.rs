@@ -210,8 +210,9 @@ impl TokenCache {
             .chunks
             .partition_point(|(first, _)| *first as usize <= i);
         match at.checked_sub(1).map(|k| &self.meta.chunks[k]) {
+            Some((first, origin)) if *first as usize == i => origin.clone(),
             Some((first, origin)) => {
-                format!("{origin} (document {} of the chunk)", i - *first as usize)
+                format!("{origin}, then {} documents on", i - *first as usize)
             }
             None => format!("document {i}"),
         }
