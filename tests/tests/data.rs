@@ -160,6 +160,15 @@ fn parquet_mixture_resumes_exactly_mid_row_group_and_reuses_the_cache() {
         losses(&split),
         "resumed run saw other windows"
     );
+    // Metrics log the tokens each source has given so far.
+    let rows = metrics(&split);
+    let last = rows.iter().rev().find(|r| r["kind"] == "train").unwrap();
+    let per_source = &last["source_trained_tokens"];
+    assert_eq!(
+        per_source["stories"].as_u64().unwrap() + per_source["qa"].as_u64().unwrap(),
+        last["trained_tokens"].as_u64().unwrap(),
+        "{last}"
+    );
     // The mixture drew from both sources.
     let cursor: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(split.join("checkpoints/step-00000012/state.json")).unwrap(),

@@ -102,6 +102,10 @@ pub struct StepMetrics {
     pub step_time_s: f64,
     /// Training seconds since the start of the run (all sessions).
     pub elapsed_s: f64,
+    /// Per source: target tokens trained on since the start of the run (omitted with a
+    /// single source).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub source_trained_tokens: std::collections::BTreeMap<String, u64>,
 }
 
 /// An evaluation on held-out data.

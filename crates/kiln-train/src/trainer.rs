@@ -344,6 +344,16 @@ pub fn train<B: KilnAutodiffBackend>(
             gflops: tokens_per_s * spec.flops_per_token(phase.window) / 1e9,
             step_time_s: dt,
             elapsed_s: state.elapsed_s,
+            source_trained_tokens: if state.cursor.counts.len() > 1 {
+                state
+                    .cursor
+                    .counts
+                    .iter()
+                    .map(|(name, c)| (name.clone(), c.trained))
+                    .collect()
+            } else {
+                Default::default()
+            },
         };
         metrics.write("train", &row)?;
         observer.event(Event::Step(&row));
