@@ -374,3 +374,27 @@ fn bad_parquet_input_names_file_row_group_row_and_column() {
     std::fs::write(stories.join("part-1.parquet"), &bytes[..bytes.len() - 9]).unwrap();
     expect_err("", &["part-1.parquet", "not a readable Parquet file"]);
 }
+
+#[test]
+fn a_phase_whose_sources_all_stop_ends_early() {
+    let dir = tempfile::tempdir().unwrap();
+    corpus(dir.path());
+    let r = recipe(dir.path(), "on_exhausted = \"stop\"");
+    let out = run(&[
+        "train",
+        r.to_str().unwrap(),
+        "--set",
+        "phases[0].sources={ stories = 1.0 }",
+        "--set",
+        "phases[0].steps=500",
+    ]);
+    assert_ok(&out);
+    assert!(
+        stderr(&out).contains("every source has stopped (on_exhausted = \"stop\") after step"),
+        "{}",
+        stderr(&out)
+    );
+    // One pass over the 114 training stories, cut into 48-token windows, 4 per step.
+    let l = losses(&dir.path().join("runs/pq"));
+    assert!(l.len() > 20 && l.len() < 500, "{}", l.len());
+}

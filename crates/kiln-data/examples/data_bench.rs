@@ -96,7 +96,9 @@ fn run(recipe: &Path, windows: usize) {
     let t2 = Instant::now();
     let mut drawn = 0u64;
     for _ in 0..batches {
-        drawn += again.next_batch(0, &mut cursor).inputs.len() as u64;
+        drawn += again
+            .next_batch(0, &mut cursor)
+            .map_or(0, |b| b.inputs.len() as u64);
     }
     let draw = t2.elapsed().as_secs_f64();
     println!(

@@ -356,8 +356,21 @@ impl DataPipeline {
         Ok(())
     }
 
-    /// Draws the next micro-batch of a phase, advancing the cursor.
-    pub fn next_batch(&self, phase_index: usize, cursor: &mut DataCursor) -> Batch {
+    /// Whether source `i` has left its mixtures (`on_exhausted = "stop"` and its epochs
+    /// are done).
+    fn exhausted(&self, i: usize, cursor: &DataCursor) -> bool {
+        let spec = &self.recipe.data.sources[i];
+        spec.on_exhausted == kiln_recipe::Exhausted::Stop
+            && cursor
+                .sources
+                .get(&self.sources[i].name)
+                .is_some_and(|c| c.epoch >= spec.epochs.unwrap_or(1))
+    }
+
+    /// Draws the next micro-batch of a phase, advancing the cursor; `None` once every
+    /// source of the phase has stopped (`on_exhausted = "stop"`). A batch drawn as the last
+    /// source stops may be short.
+    pub fn next_batch(&self, phase_index: usize, cursor: &mut DataCursor) -> Option<Batch> {
         let phase = &self.recipe.phases[phase_index];
         let spec = WindowSpec {
             window: phase.window,
@@ -365,25 +378,29 @@ impl DataPipeline {
             overlap: phase.overlap,
             pad: self.tokenizer.pad_id(),
         };
-        let mixture: Vec<(usize, f64)> = phase
-            .sources
-            .iter()
-            .filter_map(|(name, w)| {
-                self.sources
-                    .iter()
-                    .position(|s| &s.name == name)
-                    .map(|i| (i, *w))
-            })
-            .collect();
-        let total: f64 = mixture.iter().map(|(_, w)| w).sum();
         let mut rng = SplitMix64::from_state(cursor.rng);
         let mut windows = Vec::with_capacity(phase.batch_size);
         for _ in 0..phase.batch_size {
+            let mixture: Vec<(usize, f64)> = phase
+                .sources
+                .iter()
+                .filter_map(|(name, w)| {
+                    self.sources
+                        .iter()
+                        .position(|s| &s.name == name)
+                        .map(|i| (i, *w))
+                })
+                .filter(|(i, _)| !self.exhausted(*i, cursor))
+                .collect();
+            let Some(&(last, _)) = mixture.last() else {
+                break;
+            };
+            let total: f64 = mixture.iter().map(|(_, w)| w).sum();
             let source = if mixture.len() == 1 {
-                mixture[0].0
+                last
             } else {
                 let mut x = rng.next_f64() * total;
-                let mut pick = mixture[mixture.len() - 1].0;
+                let mut pick = last;
                 for (i, w) in &mixture {
                     if x < *w {
                         pick = *i;
@@ -399,7 +416,7 @@ impl DataPipeline {
             windows.push(next_window(&src.train, c, n, spec));
         }
         cursor.rng = rng.state();
-        Batch::from_windows(&windows, phase.window)
+        (!windows.is_empty()).then(|| Batch::from_windows(&windows, phase.window))
     }
 
     /// The fixed evaluation batches: belt windows over held-out documents of every source,
@@ -543,14 +560,16 @@ steps = 10
         let data = DataPipeline::new(&r, 260).unwrap();
         let mut cursor = data.initial_cursor(7);
         for _ in 0..3 {
-            data.next_batch(0, &mut cursor);
+            data.next_batch(0, &mut cursor).unwrap();
         }
         let saved: DataCursor =
             serde_json::from_str(&serde_json::to_string(&cursor).unwrap()).unwrap();
-        let straight: Vec<Batch> = (0..5).map(|_| data.next_batch(0, &mut cursor)).collect();
+        let straight: Vec<Batch> = (0..5)
+            .map(|_| data.next_batch(0, &mut cursor).unwrap())
+            .collect();
         let mut resumed_cursor = saved;
         let resumed: Vec<Batch> = (0..5)
-            .map(|_| data.next_batch(0, &mut resumed_cursor))
+            .map(|_| data.next_batch(0, &mut resumed_cursor).unwrap())
             .collect();
         assert_eq!(straight, resumed);
         assert_eq!(cursor, resumed_cursor);
@@ -562,14 +581,49 @@ steps = 10
     }
 
     #[test]
+    fn a_stopping_source_leaves_the_mixture_after_its_epochs() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = recipe(dir.path());
+        let sets: Vec<String> = [
+            "data.sources[0].on_exhausted=\"stop\"",
+            "data.sources[1].on_exhausted=\"stop\"",
+            "data.sources[1].epochs=2",
+        ]
+        .map(String::from)
+        .to_vec();
+        let r = kiln_recipe::from_str(&r.to_toml(), Path::new("t.toml"), &sets)
+            .unwrap()
+            .recipe;
+        let data = DataPipeline::new(&r, 260).unwrap();
+        let mut cursor = data.initial_cursor(3);
+        let mut drawn = 0;
+        while let Some(batch) = data.next_batch(0, &mut cursor) {
+            drawn += batch.batch_size;
+            assert!(drawn < 1000, "stopping sources never stop");
+        }
+        assert_eq!(cursor.sources["a"].epoch, 1);
+        assert_eq!(cursor.sources["b"].epoch, 2);
+        // Every window of those passes was drawn, none more.
+        assert_eq!(
+            drawn as u64,
+            cursor.counts["a"].windows + cursor.counts["b"].windows
+        );
+        assert!(data.next_batch(0, &mut cursor).is_none());
+    }
+
+    #[test]
     fn different_seeds_mix_differently() {
         let dir = tempfile::tempdir().unwrap();
         let r = recipe(dir.path());
         let data = DataPipeline::new(&r, 260).unwrap();
         let mut c1 = data.initial_cursor(1);
         let mut c2 = data.initial_cursor(2);
-        let b1: Vec<Batch> = (0..4).map(|_| data.next_batch(0, &mut c1)).collect();
-        let b2: Vec<Batch> = (0..4).map(|_| data.next_batch(0, &mut c2)).collect();
+        let b1: Vec<Batch> = (0..4)
+            .map(|_| data.next_batch(0, &mut c1).unwrap())
+            .collect();
+        let b2: Vec<Batch> = (0..4)
+            .map(|_| data.next_batch(0, &mut c2).unwrap())
+            .collect();
         assert_ne!(b1, b2);
     }
 

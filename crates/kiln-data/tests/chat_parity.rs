@@ -25,6 +25,8 @@ fn chat_source() -> Source {
         min_tokens: None,
         max_tokens: None,
         on_bad_row: Default::default(),
+        on_exhausted: Default::default(),
+        epochs: None,
     }
 }
 

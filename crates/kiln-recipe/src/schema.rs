@@ -347,6 +347,14 @@ pub struct Source {
     /// `error` stops with the file, row group and column; `skip` drops the row and counts it.
     #[serde(default)]
     pub on_bad_row: BadRow,
+    /// What the source does at the end of its data in a mixture: `restart` begins its next
+    /// epoch; `stop` leaves the mixture after `epochs` passes (the other sources' weights
+    /// are renormalized, and a phase whose sources have all stopped ends early).
+    #[serde(default)]
+    pub on_exhausted: Exhausted,
+    /// With `on_exhausted = "stop"`: passes over the source before it stops (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<u64>,
     /// For `jsonl` chat rows: the field holding the messages (system/user/assistant/tool,
     /// assistant `tool_calls`). Rows are rendered with the Qwen2.5 ChatML template and only
     /// assistant turns are trained on.
@@ -390,6 +398,17 @@ impl SourceFormat {
             Self::Arrow => "arrow",
         }
     }
+}
+
+/// What a source does when its data runs out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Exhausted {
+    /// Start the next epoch.
+    #[default]
+    Restart,
+    /// Leave the mixture.
+    Stop,
 }
 
 /// What to do with a row that cannot be read.

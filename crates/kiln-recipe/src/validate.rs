@@ -244,6 +244,14 @@ impl Recipe {
                     );
                 }
             }
+            if let Some(n) = s.epochs {
+                e.check(n > 0, format!("{key}.epochs"), "must be at least 1");
+                e.check(
+                    s.on_exhausted == crate::Exhausted::Stop,
+                    format!("{key}.epochs"),
+                    "applies with `on_exhausted = \"stop\"` (a restarting source has no last epoch)",
+                );
+            }
             if let (Some(lo), Some(hi)) = (s.min_tokens, s.max_tokens) {
                 e.check(
                     lo <= hi,

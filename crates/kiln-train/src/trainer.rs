@@ -277,8 +277,18 @@ pub fn train<B: KilnAutodiffBackend>(
             recipe.run.seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15),
         );
         let batches: Vec<Batch> = (0..recipe.train.grad_accum)
-            .map(|_| data.next_batch(p, &mut state.cursor))
+            .map_while(|_| data.next_batch(p, &mut state.cursor))
             .collect();
+        if batches.is_empty() {
+            // Every source of the phase has stopped (`on_exhausted = "stop"`): the phase
+            // ends here, and the schedule moves on to the next phase's steps.
+            observer.event(Event::Warn(format!(
+                "phase `{phase_name}`: every source has stopped (on_exhausted = \"stop\") after step {}; skipping to the end of the phase at step {last}",
+                step - 1
+            )));
+            state.step = last;
+            continue;
+        }
         let trained: usize = batches.iter().map(Batch::trained_tokens).sum();
         let denom = trained.max(1) as f64;
         let mut acc = GradAccumulator::<B::InnerBackend>::default();
