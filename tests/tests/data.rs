@@ -327,6 +327,11 @@ fn bad_parquet_input_names_file_row_group_row_and_column() {
         "{}",
         stderr(&out)
     );
+    let data_row = metrics(&dir.path().join("runs/pq"))
+        .into_iter()
+        .find(|r| r["kind"] == "data" && r["source"] == "stories")
+        .expect("a data row in metrics.jsonl");
+    assert_eq!(data_row["skipped_rows"], 1, "{data_row}");
 
     // A missing column lists the columns the file has.
     expect_err(

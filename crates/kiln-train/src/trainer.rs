@@ -195,6 +195,24 @@ pub fn train<B: KilnAutodiffBackend>(
     // Rows past the starting step were written by a session that died before its next
     // checkpoint (or, starting from zero, before any): they are replayed, so drop them.
     let mut metrics = MetricsLog::open(run.path(), state.step)?;
+    // What each source gave this session: rows read, skipped and filtered, tokens.
+    for src in data.sources() {
+        let m = &src.cache().meta;
+        metrics.write(
+            "data",
+            &serde_json::json!({
+                "step": state.step,
+                "source": src.name,
+                "rows": m.read.rows,
+                "skipped_rows": m.read.skipped,
+                "empty_shards": m.read.empty_files,
+                "filtered_documents": m.filtered_short + m.filtered_long,
+                "documents": m.documents,
+                "tokens": m.tokens,
+                "train_tokens": src.train_tokens(),
+            }),
+        )?;
+    }
     run.write_status(RunStatus::Running, state.step, None)?;
 
     let eval_batches = data.eval_batches(recipe.phases[0].batch_size);
