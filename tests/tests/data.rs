@@ -403,3 +403,35 @@ fn a_phase_whose_sources_all_stop_ends_early() {
     let l = losses(&dir.path().join("runs/pq"));
     assert!(l.len() > 20 && l.len() < 500, "{}", l.len());
 }
+
+#[test]
+fn resume_refuses_changed_data_but_not_touched_files() {
+    let dir = tempfile::tempdir().unwrap();
+    corpus(dir.path());
+    let r = recipe(dir.path(), "");
+    let first = run(&["train", r.to_str().unwrap(), "--stop-after", "3"]);
+    assert_eq!(first.status.code(), Some(75), "{}", stderr(&first));
+    let run_dir = dir.path().join("runs/pq");
+    // Rewriting a shard with the same rows only changes its modification time: the cache
+    // is rebuilt under a new key, its content is the same, and the run resumes.
+    let shard = dir.path().join("stories/part-1.parquet");
+    let rows: Vec<Option<String>> = (0..40)
+        .map(|r| Some(sentence(100 + r, 12 + r % 9)))
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    write_parquet(&shard, &[("text", rows.clone())], 7);
+    let again = run(&["resume", run_dir.to_str().unwrap(), "--stop-after", "1"]);
+    assert_eq!(again.status.code(), Some(75), "{}", stderr(&again));
+    assert!(stderr(&again).contains("tokenized"), "{}", stderr(&again));
+    // Changing a row is refused.
+    let mut changed = rows;
+    changed[3] = Some("a different story".to_string());
+    write_parquet(&shard, &[("text", changed)], 7);
+    let refused = run(&["resume", run_dir.to_str().unwrap()]);
+    assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("source `stories`: its documents changed since the checkpoint"),
+        "{}",
+        stderr(&refused)
+    );
+}

@@ -59,6 +59,9 @@ pub struct CacheMeta {
     pub chunks: Vec<(u64, String)>,
     /// Seconds the build took.
     pub build_s: f64,
+    /// SHA-256 of the documents' token ids and trained flags: what a resumed run checks to
+    /// know it reads the same data (the key also changes when a file is only touched).
+    pub content_sha256: String,
 }
 
 /// One source's tokenized documents, memory-mapped.
@@ -423,7 +426,9 @@ fn build(
         filtered_long: 0,
         chunks: Vec::new(),
         build_s: 0.0,
+        content_sha256: String::new(),
     };
+    let mut content = sha2::Sha256::new();
     let write_err = |e: std::io::Error| DataError::Cache {
         path: tmp.clone(),
         message: e.to_string(),
@@ -445,14 +450,16 @@ fn build(
                 meta.filtered_long += 1;
                 continue;
             }
-            for id in &doc.ids {
-                tokens_out.write_all(&id.to_le_bytes()).map_err(write_err)?;
-            }
+            let bytes: Vec<u8> = doc.ids.iter().flat_map(|id| id.to_le_bytes()).collect();
+            tokens_out.write_all(&bytes).map_err(write_err)?;
+            content.update(&bytes);
+            content.update((doc.len() as u64).to_le_bytes());
             if let Some(out) = trained_out.as_mut() {
                 let flags: Vec<u8> = (0..doc.len())
                     .map(|j| u8::from(doc.trained.as_ref().is_none_or(|t| t[j])))
                     .collect();
                 out.write_all(&flags).map_err(write_err)?;
+                content.update(&flags);
             }
             meta.trained_tokens += doc.trainable_targets();
             meta.tokens += doc.len() as u64;
@@ -486,6 +493,11 @@ fn build(
         out.get_ref().sync_all().map_err(write_err)?;
     }
     meta.build_s = started.elapsed().as_secs_f64();
+    meta.content_sha256 = content
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     let meta_path = tmp.join("meta.json");
     std::fs::write(
         &meta_path,

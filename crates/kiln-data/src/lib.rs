@@ -120,6 +120,18 @@ pub enum DataError {
         /// What is wrong.
         message: String,
     },
+    /// A source's data differs from what the checkpoint's run read.
+    #[error(
+        "source `{name}`: its documents changed since the checkpoint was written (content {was}… is now {now}…), so a resumed run would not see the windows the original run would have; restore the data, or start a new run"
+    )]
+    DataChanged {
+        /// The source.
+        name: String,
+        /// Content hash prefix recorded in the checkpoint.
+        was: String,
+        /// Content hash prefix now.
+        now: String,
+    },
     /// A data cursor does not match the recipe's sources.
     #[error("data cursor names source `{0}`, which the recipe does not have")]
     CursorMismatch(String),
@@ -175,6 +187,10 @@ pub struct DataCursor {
     pub sources: BTreeMap<String, SourceCursor>,
     /// Per-source running counts.
     pub counts: BTreeMap<String, SourceCounts>,
+    /// Per source, the SHA-256 of its tokenized documents, so a resume can tell that its
+    /// data is still what the run read.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub content: BTreeMap<String, String>,
 }
 
 /// One micro-batch: `batch_size` windows of `window` positions, row-major.
@@ -343,6 +359,11 @@ impl DataPipeline {
                 .iter()
                 .map(|s| (s.name.clone(), SourceCounts::default()))
                 .collect(),
+            content: self
+                .sources
+                .iter()
+                .map(|s| (s.name.clone(), s.cache().meta.content_sha256.clone()))
+                .collect(),
         }
     }
 
@@ -351,6 +372,18 @@ impl DataPipeline {
         for name in cursor.sources.keys() {
             if !self.sources.iter().any(|s| &s.name == name) {
                 return Err(DataError::CursorMismatch(name.clone()));
+            }
+        }
+        for (name, was) in &cursor.content {
+            if let Some(s) = self.sources.iter().find(|s| &s.name == name) {
+                let now = &s.cache().meta.content_sha256;
+                if now != was {
+                    return Err(DataError::DataChanged {
+                        name: name.clone(),
+                        was: was[..16.min(was.len())].to_string(),
+                        now: now[..16.min(now.len())].to_string(),
+                    });
+                }
             }
         }
         Ok(())
