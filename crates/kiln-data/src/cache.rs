@@ -32,7 +32,7 @@ use crate::window::{Doc, Docs};
 use crate::{DataError, Tokenizer, tokenize_document};
 
 /// Version of the cache layout; part of the key.
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 
 /// What a cache entry holds, written as `meta.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
