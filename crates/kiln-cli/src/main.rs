@@ -476,17 +476,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 },
         } => {
             let loaded = kiln_recipe::load(&recipe, &set)?;
-            let mut texts = Vec::new();
-            for (i, src) in loaded.recipe.data.sources.iter().enumerate() {
-                let docs = kiln_data::read_documents(src, i)?;
-                eprintln!("source `{}`: {} documents", src.name, docs.len());
-                texts.extend(docs.into_iter().map(|d| d.text));
+            // The sources stream through the trainer: no corpus is held in memory.
+            let (texts, reader) = kiln_data::stream_texts(loaded.recipe.data.sources.clone());
+            let trained = kiln_data::bpe::train_bpe(texts, vocab_size, &out);
+            let counts = reader
+                .join()
+                .map_err(|_| anyhow::anyhow!("the source reader thread panicked"))?;
+            let counts = match counts {
+                Ok(c) => c,
+                Err(e) => {
+                    // Trained on part of the data: do not leave that tokenizer behind.
+                    let _ = std::fs::remove_file(&out);
+                    return Err(e.into());
+                }
+            };
+            let tok = trained?;
+            for (name, n) in &counts {
+                eprintln!("source `{name}`: {n} documents");
             }
-            let tok = kiln_data::bpe::train_bpe(texts.iter(), vocab_size, &out)?;
             eprintln!(
                 "trained a byte-level BPE tokenizer of {} ids on {} documents",
                 tok.get_vocab_size(true),
-                texts.len()
+                counts.iter().map(|(_, n)| n).sum::<u64>()
             );
             println!("{}", out.display());
             Ok(ExitCode::SUCCESS)

@@ -120,6 +120,34 @@ pub fn read_documents(source: &Source, index: usize) -> Result<Vec<Document>, Da
     Ok(docs)
 }
 
+/// The texts of `sources`' documents as a stream: a reader thread reads them chunk by
+/// chunk (never a whole source at once) and hands them over a bounded channel. Join the
+/// returned handle after consuming the stream for read errors and per-source document
+/// counts (a read error ends the stream early).
+pub fn stream_texts(
+    sources: Vec<Source>,
+) -> (
+    impl Iterator<Item = String> + Send,
+    std::thread::JoinHandle<Result<Vec<(String, u64)>, DataError>>,
+) {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<String>>(4);
+    let reader = std::thread::spawn(move || {
+        let mut counts = Vec::new();
+        for (i, src) in sources.iter().enumerate() {
+            let mut n = 0u64;
+            read_source(src, i, &mut |chunk| {
+                n += chunk.len() as u64;
+                // A closed channel means the consumer stopped early: nothing left to do.
+                let _ = tx.send(chunk.into_iter().map(|d| d.text).collect());
+                Ok(())
+            })?;
+            counts.push((src.name.clone(), n));
+        }
+        Ok(counts)
+    });
+    (rx.into_iter().flatten(), reader)
+}
+
 /// Reads a source's documents in order, one chunk (a text or JSONL file, a Parquet row
 /// group, an Arrow record batch) at a time, handing each to `sink`.
 pub fn read_source(
