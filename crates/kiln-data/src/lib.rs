@@ -25,7 +25,9 @@ use kiln_recipe::{Recipe, Windowing};
 
 pub use cache::{CacheMeta, DocView, TokenCache};
 pub use kiln_recipe::rng::SplitMix64;
-pub use source::{Document, ReadStats, read_documents, read_source, source_files, stream_texts};
+pub use source::{
+    Document, ReadStats, SourceReader, read_documents, read_source, source_files, stream_texts,
+};
 pub use tokenizer::{BYTE_SPECIAL_TOKENS, ByteTokenizer, HfTokenizer, Tokenizer};
 pub use window::{Doc, Docs, SourceCounts, SourceCursor, Window, WindowSpec, next_window};
 

@@ -120,16 +120,14 @@ pub fn read_documents(source: &Source, index: usize) -> Result<Vec<Document>, Da
     Ok(docs)
 }
 
+/// The reader thread of [`stream_texts`]: per-source document counts, or the read error.
+pub type SourceReader = std::thread::JoinHandle<Result<Vec<(String, u64)>, DataError>>;
+
 /// The texts of `sources`' documents as a stream: a reader thread reads them chunk by
 /// chunk (never a whole source at once) and hands them over a bounded channel. Join the
 /// returned handle after consuming the stream for read errors and per-source document
 /// counts (a read error ends the stream early).
-pub fn stream_texts(
-    sources: Vec<Source>,
-) -> (
-    impl Iterator<Item = String> + Send,
-    std::thread::JoinHandle<Result<Vec<(String, u64)>, DataError>>,
-) {
+pub fn stream_texts(sources: Vec<Source>) -> (impl Iterator<Item = String> + Send, SourceReader) {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<String>>(4);
     let reader = std::thread::spawn(move || {
         let mut counts = Vec::new();
