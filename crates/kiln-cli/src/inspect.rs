@@ -75,8 +75,10 @@ pub fn inspect(loaded: &LoadedRecipe, read_data: bool) -> Result<()> {
             (spec.flops_per_token(p.window) * per_step as f64 / 1e9).round(),
             mix.join(", ")
         );
-        peak_activation = peak_activation
-            .max(spec.activation_bytes_per_token(p.window) * (p.batch_size * p.window) as u64);
+        peak_activation = peak_activation.max(
+            spec.activation_bytes_per_token(p.window, r.train.activation_checkpointing)
+                * (p.batch_size * p.window) as u64,
+        );
         first = last + 1;
     }
     // What the optimizer trains and what it keeps per trained parameter (moments: two f32,
@@ -111,12 +113,17 @@ pub fn inspect(loaded: &LoadedRecipe, read_data: bool) -> Result<()> {
     };
     let (grads, moments) = (trained * 4.0, trained * moment_bytes);
     println!(
-        "memory      ~{} total (estimate): weights {}, gradients {}, optimizer state {}, activations {} (largest micro-batch, f32, no checkpointing)",
+        "memory      ~{} total (estimate): weights {}, gradients {}, optimizer state {}, activations {} (largest micro-batch, f32, {})",
         human_bytes(weights + grads + moments + peak_activation as f64),
         human_bytes(weights),
         human_bytes(grads),
         human_bytes(moments),
-        human_bytes(peak_activation as f64)
+        human_bytes(peak_activation as f64),
+        if r.train.activation_checkpointing {
+            "activation checkpointing"
+        } else {
+            "no activation checkpointing"
+        }
     );
     if read_data {
         let data = DataPipeline::new(r, spec.vocab_size())?;

@@ -27,7 +27,7 @@ use kiln_recipe::{AdapterKind, AdapterSection, InitKind, ModelFamily, Recipe};
 pub use backend::{KilnAutodiffBackend, KilnBackend};
 pub use generate::{GenerateError, GenerateOptions, Generation, generate};
 pub use init::Init;
-pub use qwen2::{KvCache, Qwen2Config, Qwen2ForCausalLM};
+pub use qwen2::{KvCache, LayerContext, Qwen2Config, Qwen2ForCausalLM};
 
 /// Errors from building or loading a model.
 #[derive(Debug, thiserror::Error)]
@@ -525,6 +525,51 @@ impl<B: KilnBackend> Model<B> {
         })
     }
 
+    /// Number of layers, for layer-by-layer passes ([`Model::layer`]).
+    pub fn num_layers(&self) -> usize {
+        match self {
+            Self::Qwen2(m) => m.num_layers(),
+        }
+    }
+
+    /// What the layers of one forward pass share (positions, masks).
+    pub fn layer_context(&self, input_ids: &Tensor<B, 2, Int>) -> LayerContext<B> {
+        match self {
+            Self::Qwen2(m) => m.layer_context(input_ids, None),
+        }
+    }
+
+    /// The input to the first layer.
+    ///
+    /// # Shapes
+    /// - input_ids: `[batch, seq]` -> `[batch, seq, hidden]`
+    pub fn embed(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        match self {
+            Self::Qwen2(m) => m.embed(input_ids),
+        }
+    }
+
+    /// Layer `i`: `[batch, seq, hidden]` -> `[batch, seq, hidden]`.
+    pub fn layer(&self, i: usize, x: Tensor<B, 3>, ctx: &LayerContext<B>) -> Tensor<B, 3> {
+        match self {
+            Self::Qwen2(m) => m.layer(i, x, ctx),
+        }
+    }
+
+    /// From the last layer's output to logits: `[batch, seq, hidden]` -> `[batch, seq, vocab]`.
+    pub fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        match self {
+            Self::Qwen2(m) => m.logits(x),
+        }
+    }
+
+    /// Whether the input embedding is trained (false under adapters).
+    pub fn embedding_trains(&self) -> bool {
+        match self {
+            Self::Qwen2(m) => m.embedding_trains(),
+        }
+    }
+
     /// Logits and auxiliary losses.
     ///
     /// # Shapes
@@ -616,10 +661,11 @@ impl ModelSpec {
         }
     }
 
-    /// Rough activation bytes per token kept for backward (see the family's docs).
-    pub fn activation_bytes_per_token(&self, seq: usize) -> u64 {
+    /// Rough activation bytes per token kept for backward (see the family's docs); with
+    /// `checkpointed`, one layer's plus every layer's input.
+    pub fn activation_bytes_per_token(&self, seq: usize, checkpointed: bool) -> u64 {
         match self {
-            Self::Qwen2(c) => c.activation_bytes_per_token(seq),
+            Self::Qwen2(c) => c.activation_bytes_per_token(seq, checkpointed),
         }
     }
 

@@ -623,6 +623,11 @@ pub struct TrainSection {
     /// `m = alpha / sqrt(seq * hidden)` (0: off; the Convergent-7B recipe uses 5).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub neftune_alpha: f64,
+    /// Keep only each layer's input for the backward pass and recompute the layer there
+    /// (gradient checkpointing): activation memory of one layer instead of all, for about
+    /// one more forward pass of compute.
+    #[serde(default)]
+    pub activation_checkpointing: bool,
 }
 
 fn is_zero(x: &f64) -> bool {
@@ -640,6 +645,7 @@ impl Default for TrainSection {
             eval_tokens: default_eval_tokens(),
             eval_window: None,
             neftune_alpha: 0.0,
+            activation_checkpointing: false,
         }
     }
 }

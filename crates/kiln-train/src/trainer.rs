@@ -311,7 +311,12 @@ pub fn train<B: KilnAutodiffBackend>(
         let denom = trained.max(1) as f64;
         let mut acc = GradAccumulator::<B::InnerBackend>::default();
         let mut loss_sum = 0.0;
-        for batch in &batches {
+        for (k, batch) in batches.iter().enumerate() {
+            if recipe.train.activation_checkpointing {
+                let seed = recipe.run.seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ k as u64;
+                loss_sum += checkpointed_backward(&model, batch, denom, device, seed, &mut acc);
+                continue;
+            }
             let out = model.forward(input_tensor::<B>(batch, device));
             let (nll, _) = masked_nll(out.logits, batch, device);
             let mut loss = nll.div_scalar(denom);
@@ -447,6 +452,61 @@ pub fn train<B: KilnAutodiffBackend>(
         )));
     }
     Ok(Outcome::Finished)
+}
+
+/// One micro-batch's loss and gradients with activation checkpointing: the forward pass
+/// keeps only each layer's input; the backward pass recomputes one layer at a time and
+/// backpropagates through it alone, so activations of a single layer are alive at once.
+/// Each layer reseeds the backend's generator before both of its passes, so its random ops
+/// (adapter dropout) draw the same values in the recomputation. Returns the loss.
+fn checkpointed_backward<B: KilnAutodiffBackend>(
+    model: &Model<B>,
+    batch: &Batch,
+    denom: f64,
+    device: &B::Device,
+    seed: u64,
+    acc: &mut GradAccumulator<B::InnerBackend>,
+) -> f64 {
+    let ids = input_tensor::<B>(batch, device);
+    let ctx = model.layer_context(&ids);
+    let n = model.num_layers();
+    let layer_seed = |l: usize| seed ^ (l as u64 + 1).wrapping_mul(0xd1b5_4a32_d192_ed03);
+    // The forward pass runs on a copy whose parameters track no gradients: nothing is
+    // recorded, so no layer's activations outlive it (on the autodiff backend all the same,
+    // so dropout and NEFTune act exactly as in the recomputation).
+    let untracked = model.clone().no_grad();
+    B::seed(device, layer_seed(n));
+    let mut inputs = vec![untracked.embed(ids.clone())];
+    for l in 0..n {
+        B::seed(device, layer_seed(l));
+        let y = untracked.layer(l, inputs[l].clone(), &ctx);
+        inputs.push(y);
+    }
+    let top = inputs
+        .pop()
+        .expect("the last layer's output")
+        .require_grad();
+    let (nll, _) = masked_nll(model.head(top.clone()), batch, device);
+    let loss = nll.div_scalar(denom);
+    let value = scalar(loss.clone());
+    let grads = loss.backward();
+    let mut upstream = top.grad(&grads).expect("the head's input gradient");
+    acc.accumulate::<B, _>(model, grads);
+    for l in (0..n).rev() {
+        B::seed(device, layer_seed(l));
+        let x = inputs.pop().expect("layer input").require_grad();
+        let y = model.layer(l, x.clone(), &ctx);
+        let grads = (y * Tensor::from_inner(upstream)).sum().backward();
+        upstream = x.grad(&grads).expect("the layer's input gradient");
+        acc.accumulate::<B, _>(model, grads);
+    }
+    if model.embedding_trains() {
+        let grads = (model.embed(ids) * Tensor::from_inner(upstream))
+            .sum()
+            .backward();
+        acc.accumulate::<B, _>(model, grads);
+    }
+    value
 }
 
 /// The process's peak resident set size (`VmHWM`), where the OS reports it (Linux).

@@ -336,7 +336,10 @@ impl Qwen2Config {
     /// logits with their gradient). Attention keeps no scores: its backward recomputes them
     /// block by block ([`crate::backend::KilnBackend::kiln_attention`]), so `seq` only adds
     /// one block's scores at a time.
-    pub fn activation_bytes_per_token(&self, seq: usize) -> u64 {
+    ///
+    /// With activation checkpointing only one layer's activations are alive at a time, plus
+    /// every layer's input (`hidden` values per token per layer).
+    pub fn activation_bytes_per_token(&self, seq: usize, checkpointed: bool) -> u64 {
         let h = self.hidden_size as u64;
         let i = self.intermediate_size as u64;
         let heads = self.num_attention_heads as u64;
@@ -345,7 +348,13 @@ impl Qwen2Config {
         // Scores, probabilities and their gradient for one block of queries over `seq` keys,
         // per sequence: 3 · heads · block · seq values, i.e. 3 · heads · block per token.
         let transient = 3 * heads * block;
-        4 * (per_layer * self.num_hidden_layers as u64 + 3 * self.vocab_size as u64 + transient)
+        let layers = self.num_hidden_layers as u64;
+        let kept = if checkpointed {
+            per_layer + h * layers
+        } else {
+            per_layer * layers
+        };
+        4 * (kept + 3 * self.vocab_size as u64 + transient)
     }
 
     /// Training FLOPs per token at sequence length `seq` (forward + backward):

@@ -305,6 +305,24 @@ impl<B: KilnBackend> Qwen2ForCausalLM<B> {
         input_ids: Tensor<B, 2, Int>,
         padding: Option<Tensor<B, 2, Bool>>,
     ) -> Tensor<B, 3> {
+        let ctx = self.layer_context(&input_ids, padding);
+        let mut x = self.embed(input_ids);
+        for i in 0..self.model.layers.len() {
+            x = self.layer(i, x, &ctx);
+        }
+        self.logits(x)
+    }
+
+    /// What every layer of a forward pass shares: RoPE tables and the attention bias.
+    ///
+    /// # Shapes
+    /// - input_ids: `[batch, seq]`
+    /// - padding: `[batch, seq]`, true where the token is padding
+    pub fn layer_context(
+        &self,
+        input_ids: &Tensor<B, 2, Int>,
+        padding: Option<Tensor<B, 2, Bool>>,
+    ) -> LayerContext<B> {
         let device = input_ids.device();
         let [b, t] = input_ids.dims();
         let first = &self.model.layers[0].self_attn;
@@ -317,6 +335,16 @@ impl<B: KilnBackend> Qwen2ForCausalLM<B> {
             let pad_bias = pad.float().mul_scalar(-1e9).reshape([b, 1, 1, t]); // [b, 1, 1, t]
             bias = bias + pad_bias;
         }
+        LayerContext { rope, bias }
+    }
+
+    /// Input embeddings, with NEFTune noise while gradients are tracked.
+    ///
+    /// # Shapes
+    /// - input_ids: `[batch, seq]` -> `[batch, seq, hidden]`
+    pub fn embed(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let device = input_ids.device();
+        let t = input_ids.dims()[1];
         let mut x = self.model.embed_tokens.forward(input_ids); // [b, t, hidden]
         if self.neftune_alpha > 0.0 && B::ad_enabled(&device) {
             // NEFTune (Jain et al. 2023): uniform noise of magnitude alpha / sqrt(L * d) on
@@ -331,10 +359,25 @@ impl<B: KilnBackend> Qwen2ForCausalLM<B> {
             );
             x = x + noise;
         }
-        for layer in &self.model.layers {
-            x = layer.forward(x, &rope, &bias);
-        }
-        self.logits(x)
+        x
+    }
+
+    /// Decoder layer `i`.
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]` -> `[batch, seq, hidden]`
+    pub fn layer(&self, i: usize, x: Tensor<B, 3>, ctx: &LayerContext<B>) -> Tensor<B, 3> {
+        self.model.layers[i].forward(x, &ctx.rope, &ctx.bias)
+    }
+
+    /// Number of decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.model.layers.len()
+    }
+
+    /// Whether the input embedding is trained (false under adapters).
+    pub fn embedding_trains(&self) -> bool {
+        self.model.embed_tokens.weight.is_require_grad()
     }
 
     /// An empty cache for [`Qwen2ForCausalLM::forward_cached`].
@@ -399,7 +442,7 @@ impl<B: KilnBackend> Qwen2ForCausalLM<B> {
     ///
     /// # Shapes
     /// - x: `[batch, seq, hidden]` -> `[batch, seq, vocab]`
-    fn logits(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    pub fn logits(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let x = self.model.norm.forward(x);
         match &self.lm_head {
             Some(head) => head.forward(x),
@@ -455,6 +498,13 @@ impl<B: KilnBackend> KvCache<B> {
     pub fn layer(&self, i: usize) -> Option<&LayerKv<B>> {
         self.layers.get(i).and_then(Option::as_ref)
     }
+}
+
+/// RoPE tables and attention bias shared by the layers of one forward pass.
+#[derive(Debug, Clone)]
+pub struct LayerContext<B: KilnBackend> {
+    rope: Rope<B>,
+    bias: Tensor<B, 4>,
 }
 
 /// Rotate-half rotary embedding tables for a range of positions.
