@@ -343,7 +343,7 @@ fn cache_key(
             .map_or(0, |d| d.as_nanos());
         h.update(format!("\n{}\t{}\t{modified}", file.display(), meta.len()).as_bytes());
     }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(kiln_recipe::hex(&h.finalize()))
 }
 
 /// Tokenizes `docs` on every core, keeping their order.
@@ -493,11 +493,7 @@ fn build(
         out.get_ref().sync_all().map_err(write_err)?;
     }
     meta.build_s = started.elapsed().as_secs_f64();
-    meta.content_sha256 = content
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    meta.content_sha256 = kiln_recipe::hex(&content.finalize());
     let meta_path = tmp.join("meta.json");
     std::fs::write(
         &meta_path,

@@ -164,12 +164,7 @@ impl RowShape {
                 for (name, i) in &self.columns {
                     values.push((name.as_str(), value(*i)?));
                 }
-                kiln_recipe::render_template(t, |name| {
-                    values
-                        .iter()
-                        .find(|(n, _)| *n == name)
-                        .map_or("", |(_, v)| v)
-                })
+                kiln_recipe::render_template(t, &values)
             }
         };
         Ok((!text.trim().is_empty()).then(|| Document {

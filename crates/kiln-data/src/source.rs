@@ -350,12 +350,7 @@ fn jsonl_text(
             for f in &fields {
                 values.push((f.as_str(), field_str(f)?));
             }
-            Ok(kiln_recipe::render_template(t, |name| {
-                values
-                    .iter()
-                    .find(|(n, _)| *n == name)
-                    .map_or("", |(_, v)| v)
-            }))
+            Ok(kiln_recipe::render_template(t, &values))
         }
     }
 }

@@ -166,7 +166,7 @@ impl HfTokenizer {
         let sha256 = {
             use sha2::Digest;
             let digest = sha2::Sha256::digest(&raw);
-            digest.iter().map(|b| format!("{b:02x}")).collect()
+            kiln_recipe::hex(&digest)
         };
         let inner = tokenizers::Tokenizer::from_bytes(&raw).map_err(|e| DataError::Tokenizer {
             path: file.clone(),

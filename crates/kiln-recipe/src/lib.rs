@@ -173,8 +173,7 @@ impl Recipe {
 
     /// SHA-256 of the canonical TOML, hex-encoded: identifies the recipe in checkpoints.
     pub fn hash(&self) -> String {
-        let digest = Sha256::digest(self.to_toml().as_bytes());
-        digest.iter().map(|b| format!("{b:02x}")).collect()
+        hex(&Sha256::digest(self.to_toml().as_bytes()))
     }
 
     /// Resolves phases given in `epochs` into `steps`, given the windows one pass over each
@@ -261,6 +260,11 @@ impl Recipe {
     }
 }
 
+/// Lower-case hex of bytes (digests in checkpoints, cache keys and tokenizer identities).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The column names a source `template` refers to, in order of first use; `{{` and `}}`
 /// are literal braces.
 pub fn template_fields(template: &str) -> Result<Vec<String>, String> {
@@ -301,9 +305,15 @@ pub fn template_fields(template: &str) -> Result<Vec<String>, String> {
     Ok(fields)
 }
 
-/// Renders a template (checked by [`template_fields`]) with `value(column)` for each
-/// placeholder.
-pub fn render_template<'a>(template: &str, mut value: impl FnMut(&str) -> &'a str) -> String {
+/// Renders a template (checked by [`template_fields`]) with the `(column, value)` pairs;
+/// a column missing from them renders empty.
+pub fn render_template(template: &str, values: &[(&str, &str)]) -> String {
+    let value = |name: &str| {
+        values
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or("", |(_, v)| *v)
+    };
     let mut out = String::with_capacity(template.len() * 4);
     let mut chars = template.chars().peekable();
     while let Some(c) = chars.next() {

@@ -105,11 +105,7 @@ pub fn base_identity(recipe: &kiln_recipe::Recipe) -> Result<Option<String>, Tra
             ));
         }
     }
-    let digest: String = hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let digest = kiln_recipe::hex(&hasher.finalize());
     Ok(Some(format!(
         "`{}` (config and safetensors headers sha256 {})",
         dir.display(),
@@ -165,10 +161,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    kiln_recipe::hex(&Sha256::digest(bytes))
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
