@@ -47,6 +47,26 @@ pub fn inspect(loaded: &LoadedRecipe, read_data: bool) -> Result<()> {
         human_count(params),
         human_count(spec.matmul_params())
     );
+    if let ModelSpec::Moa(c) = &spec {
+        println!("  parameter budget");
+        for comp in c.components() {
+            println!(
+                "    {:<40} {:>10} {:>6.1}%",
+                comp.name,
+                human_count(comp.params),
+                100.0 * comp.params as f64 / params.max(1) as f64
+            );
+        }
+        let (lo, hi) = c.active_params();
+        println!(
+            "  active per token: {}..{} ({:.1}%..{:.1}%: embedding, norms, routers and the top-{} of 4 paths and of 3 HyperFFN experts)",
+            human_count(lo),
+            human_count(hi),
+            100.0 * lo as f64 / params.max(1) as f64,
+            100.0 * hi as f64 / params.max(1) as f64,
+            c.top_k
+        );
+    }
     let steps = r.phase_steps();
     if r.phases.iter().any(|p| p.epochs.is_some()) {
         println!("phases      lengths in epochs resolve into steps once the data is read");

@@ -251,6 +251,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 set.push(format!("run.out_dir={}", toml_string(&out)));
             }
             let mut loaded = kiln_recipe::load(&recipe, &set)?;
+            print_warnings(&loaded);
             resolve_epochs(&mut loaded)?;
             let run = RunDir::create(&loaded.recipe, overwrite)?;
             eprintln!(
@@ -270,6 +271,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let run = RunDir::open(&run_dir)?;
             let loaded = run.load_recipe(&set)?;
+            print_warnings(&loaded);
             for removed in remove_stale_temporaries(&run_dir) {
                 eprintln!(
                     "removed an unfinished checkpoint write: {}",
@@ -520,6 +522,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             no_data,
         } => {
             let mut loaded = kiln_recipe::load(&recipe, &set)?;
+            print_warnings(&loaded);
             if !no_data {
                 resolve_epochs(&mut loaded)?;
             }
@@ -667,6 +670,10 @@ fn train(
             eprintln!("done: {dir}");
             Ok(ExitCode::SUCCESS)
         }
+        Outcome::Converged => {
+            eprintln!("done (converged, see status.json): {dir}");
+            Ok(ExitCode::SUCCESS)
+        }
         Outcome::Interrupted => {
             eprintln!("interrupted: checkpoint written; continue with `kiln resume {dir}`");
             Ok(ExitCode::from(EXIT_INTERRUPTED))
@@ -677,5 +684,12 @@ fn train(
             );
             Ok(ExitCode::from(EXIT_PAUSED))
         }
+    }
+}
+
+/// Prints what validation questioned without refusing, to stderr.
+fn print_warnings(loaded: &kiln_recipe::LoadedRecipe) {
+    for w in &loaded.warnings {
+        eprintln!("warning: {w}");
     }
 }

@@ -138,6 +138,20 @@ pub fn generate<B: KilnBackend>(
                 m.forward_cached(ids, &mut cache)
             })
         }
+        Model::Moa(m) => {
+            // MoA has no key/value cache (its convolution and router states would need one
+            // each): every step runs the whole sequence again and keeps the new tokens'
+            // logits, which causality makes equal to a cached decode's.
+            let device = m.embed_tokens.weight.device();
+            let mut history: Vec<Tensor<B, 2, Int>> = Vec::new();
+            decode(prompt, opts, &device, |ids| {
+                let new = ids.dims()[1];
+                history.push(ids);
+                let all = Tensor::cat(history.clone(), 1);
+                let t = all.dims()[1];
+                m.forward(all).0.narrow(1, t - new, new)
+            })
+        }
     })
 }
 

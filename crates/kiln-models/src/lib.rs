@@ -13,6 +13,7 @@ pub mod generate;
 pub mod hf;
 pub mod init;
 pub mod lora;
+pub mod moa;
 pub mod nf4;
 pub mod qwen2;
 
@@ -27,7 +28,8 @@ use kiln_recipe::{AdapterKind, AdapterSection, InitKind, ModelFamily, Recipe};
 pub use backend::{KilnAutodiffBackend, KilnBackend};
 pub use generate::{GenerateError, GenerateOptions, Generation, generate};
 pub use init::Init;
-pub use qwen2::{KvCache, LayerContext, Qwen2Config, Qwen2ForCausalLM};
+pub use moa::{MoaConfig, MoaModel};
+pub use qwen2::{KvCache, Qwen2Config, Qwen2ForCausalLM};
 
 /// Errors from building or loading a model.
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +81,68 @@ pub struct ModelOutput<B: Backend> {
     pub logits: Tensor<B, 3>,
     /// Named auxiliary losses (already weighted), added to the language-model loss.
     pub aux_losses: Vec<(String, Tensor<B, 1>)>,
+    /// Named statistics (detached), e.g. router path usage.
+    pub stats: Vec<(String, Tensor<B, 1>)>,
+}
+
+/// What layers report besides their output: auxiliary losses (already weighted; several
+/// entries of one name add up) and statistics (detached).
+#[derive(Debug)]
+pub struct Aux<B: Backend> {
+    /// Named losses, `[1]` each.
+    pub losses: Vec<(String, Tensor<B, 1>)>,
+    /// Named statistics.
+    pub stats: Vec<(String, Tensor<B, 1>)>,
+}
+
+impl<B: Backend> Default for Aux<B> {
+    fn default() -> Self {
+        Self {
+            losses: Vec::new(),
+            stats: Vec::new(),
+        }
+    }
+}
+
+/// A router of the model: the statistic holding its path usage and, per path, the prefix
+/// of that path's parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouterPaths {
+    /// Name of the statistic (`[paths + 1]`: usage per path, then confidence).
+    pub stat: String,
+    /// Parameter-name prefix of each path, in router order.
+    pub paths: Vec<String>,
+    /// Paths kept per token.
+    pub top_k: usize,
+}
+
+/// What the layers of one forward pass share (positions, masks), per family.
+#[derive(Debug, Clone)]
+pub enum LayerContext<B: KilnBackend> {
+    /// Qwen2's RoPE tables and attention bias.
+    Qwen2(qwen2::LayerContext<B>),
+    /// MoA's causal bias and rotary tables.
+    Moa(moa::MoaContext<B>),
+}
+
+/// NEFTune (Jain et al. 2023): uniform noise of magnitude `alpha / sqrt(L * d)` on the input
+/// embeddings, in training only (never in eval or generation, which run without autodiff).
+///
+/// # Shapes
+/// - x: `[batch, seq, hidden]` -> `[batch, seq, hidden]`
+pub(crate) fn neftune<B: Backend>(x: Tensor<B, 3>, alpha: f64) -> Tensor<B, 3> {
+    let device = x.device();
+    if alpha <= 0.0 || !B::ad_enabled(&device) {
+        return x;
+    }
+    let [_, t, d] = x.dims();
+    let m = alpha / ((t * d) as f64).sqrt();
+    let noise = Tensor::random(
+        x.shape(),
+        burn::tensor::Distribution::Uniform(-m, m),
+        &device,
+    );
+    x + noise
 }
 
 /// The size of an adapter run's frozen base projections.
@@ -104,6 +168,8 @@ impl BaseFootprint {
 pub enum Model<B: KilnBackend> {
     /// A Qwen2 decoder.
     Qwen2(Qwen2ForCausalLM<B>),
+    /// A DiscoverLM mixture-of-attentions model.
+    Moa(MoaModel<B>),
 }
 
 impl<B: KilnBackend> Model<B> {
@@ -125,6 +191,7 @@ impl<B: KilnBackend> Model<B> {
     ) -> Result<Self, ModelError> {
         let init = Init::new(recipe.run.seed);
         match ModelSpec::from_recipe(recipe)? {
+            ModelSpec::Moa(cfg) => Ok(Self::Moa(cfg.init(&init, device))),
             ModelSpec::Qwen2(cfg) => {
                 let section = recipe
                     .model
@@ -190,6 +257,7 @@ impl<B: KilnBackend> Model<B> {
         let init = Init::new(recipe.run.seed);
         let model = match ModelSpec::from_recipe(recipe)? {
             ModelSpec::Qwen2(cfg) => Self::Qwen2(cfg.init(&init, device)),
+            ModelSpec::Moa(cfg) => Self::Moa(cfg.init(&init, device)),
         };
         load_named(model, tensors, device)
     }
@@ -277,6 +345,8 @@ impl<B: KilnBackend> Model<B> {
                     .collect();
                 Self::Qwen2(m)
             }
+            // Validation only allows adapters on qwen2; nothing to attach here.
+            Self::Moa(m) => Self::Moa(m),
         };
         model.map(&mut Freeze::default())
     }
@@ -297,6 +367,10 @@ impl<B: KilnBackend> Model<B> {
             Self::Qwen2(mut m) => {
                 m.neftune_alpha = alpha;
                 Self::Qwen2(m)
+            }
+            Self::Moa(mut m) => {
+                m.neftune_alpha = alpha;
+                Self::Moa(m)
             }
         }
     }
@@ -338,8 +412,12 @@ impl<B: KilnBackend> Model<B> {
             let path = path.to_path_buf();
             move |source| ModelError::Io { path, source }
         };
+        let Self::Qwen2(m) = self else {
+            return Err(ModelError::Load(
+                "the model has no LoRA adapters to export (adapters apply to qwen2)".to_string(),
+            ));
+        };
         std::fs::create_dir_all(dir).map_err(io(dir))?;
-        let Self::Qwen2(m) = self;
         let cfg = m.config();
         let tensors: BTreeMap<String, NamedTensor> = named_params(self)
             .into_iter()
@@ -385,7 +463,10 @@ impl<B: KilnBackend> Model<B> {
 
     /// The model with every adapter merged into its base, as a plain model.
     pub fn merged(self, device: &B::Device) -> Self {
-        let Self::Qwen2(mut m) = self;
+        let mut m = match self {
+            Self::Qwen2(m) => m,
+            other => return other,
+        };
         let layers = std::mem::take(&mut m.model.layers);
         m.model.layers = layers
             .into_iter()
@@ -442,7 +523,11 @@ impl<B: KilnBackend> Model<B> {
                 .collect(),
             rslora: cfg["use_rslora"].as_bool().unwrap_or(false),
         };
-        let Self::Qwen2(m) = &self;
+        let Self::Qwen2(m) = &self else {
+            return Err(ModelError::Load(
+                "PEFT adapters apply to qwen2 models".to_string(),
+            ));
+        };
         let qcfg = m.config().clone();
         let weights = dir.join("adapter_model.safetensors");
         let tensors = hf::read_checkpoint_file(&weights, |name, t| {
@@ -489,6 +574,10 @@ impl<B: KilnBackend> Model<B> {
                 files.push(path);
                 Ok(files)
             }
+            Self::Moa(_) => Err(ModelError::Load(
+                "MoA models have no Hugging Face format: a checkpoint's model.safetensors is the model"
+                    .to_string(),
+            )),
         }
     }
 
@@ -514,6 +603,7 @@ impl<B: KilnBackend> Model<B> {
                 })
                 .filter(|p| p.lora_A.is_some())
                 .collect(),
+            Self::Moa(_) => Vec::new(),
         };
         (!projs.is_empty()).then(|| BaseFootprint {
             weights: projs
@@ -529,13 +619,15 @@ impl<B: KilnBackend> Model<B> {
     pub fn num_layers(&self) -> usize {
         match self {
             Self::Qwen2(m) => m.num_layers(),
+            Self::Moa(m) => m.blocks.len(),
         }
     }
 
     /// What the layers of one forward pass share (positions, masks).
     pub fn layer_context(&self, input_ids: &Tensor<B, 2, Int>) -> LayerContext<B> {
         match self {
-            Self::Qwen2(m) => m.layer_context(input_ids, None),
+            Self::Qwen2(m) => LayerContext::Qwen2(m.layer_context(input_ids, None)),
+            Self::Moa(m) => LayerContext::Moa(m.layer_context(input_ids)),
         }
     }
 
@@ -546,13 +638,55 @@ impl<B: KilnBackend> Model<B> {
     pub fn embed(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         match self {
             Self::Qwen2(m) => m.embed(input_ids),
+            Self::Moa(m) => m.embed(input_ids),
         }
     }
 
-    /// Layer `i`: `[batch, seq, hidden]` -> `[batch, seq, hidden]`.
-    pub fn layer(&self, i: usize, x: Tensor<B, 3>, ctx: &LayerContext<B>) -> Tensor<B, 3> {
+    /// Layer `i`: `[batch, seq, hidden]` -> `[batch, seq, hidden]`; its auxiliary losses
+    /// and statistics go to `aux`.
+    ///
+    /// # Panics
+    /// If `ctx` was made by another family's model.
+    pub fn layer(
+        &self,
+        i: usize,
+        x: Tensor<B, 3>,
+        ctx: &LayerContext<B>,
+        aux: &mut Aux<B>,
+    ) -> Tensor<B, 3> {
+        match (self, ctx) {
+            (Self::Qwen2(m), LayerContext::Qwen2(c)) => m.layer(i, x, c),
+            (Self::Moa(m), LayerContext::Moa(c)) => m.layer(i, x, c, aux),
+            _ => panic!("a layer context of another model family"),
+        }
+    }
+
+    /// The routers of the model and the parameters of their paths (none for qwen2).
+    pub fn routers(&self) -> Vec<RouterPaths> {
         match self {
-            Self::Qwen2(m) => m.layer(i, x, ctx),
+            Self::Qwen2(_) => Vec::new(),
+            Self::Moa(m) => (0..m.blocks.len())
+                .flat_map(|l| {
+                    let paths = |part: &str, names: &[&str]| {
+                        names
+                            .iter()
+                            .map(|n| format!("blocks.{l}.{part}.{n}"))
+                            .collect()
+                    };
+                    [
+                        RouterPaths {
+                            stat: format!("blocks.{l}.moa.router"),
+                            paths: paths("moa", &moa::MOA_PATHS),
+                            top_k: m.config.top_k,
+                        },
+                        RouterPaths {
+                            stat: format!("blocks.{l}.ffn.router"),
+                            paths: paths("ffn", &moa::FFN_EXPERTS),
+                            top_k: m.config.top_k.min(moa::FFN_EXPERTS.len()),
+                        },
+                    ]
+                })
+                .collect(),
         }
     }
 
@@ -560,6 +694,7 @@ impl<B: KilnBackend> Model<B> {
     pub fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         match self {
             Self::Qwen2(m) => m.logits(x),
+            Self::Moa(m) => m.logits(x),
         }
     }
 
@@ -567,6 +702,7 @@ impl<B: KilnBackend> Model<B> {
     pub fn embedding_trains(&self) -> bool {
         match self {
             Self::Qwen2(m) => m.embedding_trains(),
+            Self::Moa(m) => m.embed_tokens.weight.is_require_grad(),
         }
     }
 
@@ -578,7 +714,9 @@ impl<B: KilnBackend> Model<B> {
         self.forward_masked(input_ids, None)
     }
 
-    /// Logits and auxiliary losses, with padding keys masked out.
+    /// Logits and auxiliary losses, with padding keys masked out. (MoA has no padding mask:
+    /// it is causal, so right padding never reaches a real token, and kiln's batches carry
+    /// their padding on the right.)
     ///
     /// # Shapes
     /// - input_ids: `[batch, seq]`
@@ -592,7 +730,16 @@ impl<B: KilnBackend> Model<B> {
             Self::Qwen2(m) => ModelOutput {
                 logits: m.forward_masked(input_ids, padding),
                 aux_losses: Vec::new(),
+                stats: Vec::new(),
             },
+            Self::Moa(m) => {
+                let (logits, aux) = m.forward(input_ids);
+                ModelOutput {
+                    logits,
+                    aux_losses: aux.losses,
+                    stats: aux.stats,
+                }
+            }
         }
     }
 
@@ -600,6 +747,7 @@ impl<B: KilnBackend> Model<B> {
     pub fn vocab_size(&self) -> usize {
         match self {
             Self::Qwen2(m) => m.config.vocab_size,
+            Self::Moa(m) => m.config.vocab_size,
         }
     }
 }
@@ -609,6 +757,8 @@ impl<B: KilnBackend> Model<B> {
 pub enum ModelSpec {
     /// A Qwen2 configuration.
     Qwen2(Qwen2Config),
+    /// A MoA configuration.
+    Moa(MoaConfig),
 }
 
 impl ModelSpec {
@@ -631,6 +781,7 @@ impl ModelSpec {
                 ];
                 (0..c.num_hidden_layers).flat_map(|_| layer).collect()
             }
+            Self::Moa(_) => Vec::new(),
         }
     }
 
@@ -644,6 +795,13 @@ impl ModelSpec {
                     .as_ref()
                     .ok_or(ModelError::MissingConfig("qwen2"))?,
             )?)),
+            ModelFamily::Moa => Ok(Self::Moa(MoaConfig::from_section(
+                recipe
+                    .model
+                    .moa
+                    .as_ref()
+                    .ok_or(ModelError::MissingConfig("moa"))?,
+            ))),
         }
     }
 
@@ -651,6 +809,7 @@ impl ModelSpec {
     pub fn vocab_size(&self) -> usize {
         match self {
             Self::Qwen2(c) => c.vocab_size,
+            Self::Moa(c) => c.vocab_size,
         }
     }
 
@@ -658,6 +817,7 @@ impl ModelSpec {
     pub fn num_params(&self) -> u64 {
         match self {
             Self::Qwen2(c) => c.num_params(),
+            Self::Moa(c) => c.num_params(),
         }
     }
 
@@ -666,6 +826,7 @@ impl ModelSpec {
     pub fn activation_bytes_per_token(&self, seq: usize, checkpointed: bool) -> u64 {
         match self {
             Self::Qwen2(c) => c.activation_bytes_per_token(seq, checkpointed),
+            Self::Moa(c) => c.activation_bytes_per_token(seq, checkpointed),
         }
     }
 
@@ -673,6 +834,7 @@ impl ModelSpec {
     pub fn matmul_params(&self) -> u64 {
         match self {
             Self::Qwen2(c) => c.matmul_params(),
+            Self::Moa(c) => c.matmul_params(),
         }
     }
 
@@ -680,13 +842,16 @@ impl ModelSpec {
     pub fn flops_per_token(&self, seq: usize) -> f64 {
         match self {
             Self::Qwen2(c) => c.flops_per_token(seq),
+            Self::Moa(c) => c.flops_per_token(seq),
         }
     }
 }
 
-/// Whether a parameter gets weight decay: matrices do; norms, biases and 1-D scales don't.
+/// Whether a parameter gets weight decay: matrices do; norms, biases, 1-D scales and MoA's
+/// metric weights (pulling them to 0 would pull the metric to `softplus(0)`, not to
+/// nothing) don't.
 pub fn decays(name: &str, rank: usize) -> bool {
-    rank >= 2 && !name.contains("norm")
+    rank >= 2 && !name.contains("norm") && !name.ends_with(".metric")
 }
 
 /// Freezes every parameter that is not part of a LoRA adapter.

@@ -105,6 +105,9 @@ pub struct LoadedRecipe {
     pub recipe: Recipe,
     /// The TOML table after overrides, before typed parsing.
     pub table: toml::Table,
+    /// What validation questions without refusing (e.g. tokens per step that change
+    /// between phases); the CLI prints them.
+    pub warnings: Vec<ValidationError>,
 }
 
 /// Reads a recipe file, applies `key=value` overrides, parses and validates it.
@@ -133,10 +136,12 @@ pub fn from_str(
     }
     let recipe = from_table(&table, path)?;
     recipe.validate(path).map_err(RecipeError::Invalid)?;
+    let warnings = recipe.warnings(path);
     Ok(LoadedRecipe {
         path: path.to_path_buf(),
         recipe,
         table,
+        warnings,
     })
 }
 
@@ -222,10 +227,10 @@ impl Recipe {
 
     /// The wall-time budget, if any.
     pub fn max_wall_time(&self) -> Option<Duration> {
-        self.run
-            .max_wall_time
-            .as_deref()
-            .and_then(|s| parse_duration(s).ok())
+        match self.run.max_wall_time.as_str() {
+            "none" => None,
+            s => parse_duration(s).ok(),
+        }
     }
 
     /// The evaluation window length.
@@ -244,6 +249,7 @@ impl Recipe {
                 Some(dir) => format!("model.qwen2.hf_dir: `{dir}/config.json` vocab_size"),
                 None => "model.qwen2.vocab_size".to_string(),
             },
+            ModelFamily::Moa => "model.moa.vocab_size".to_string(),
         }
     }
 
@@ -256,6 +262,7 @@ impl Recipe {
                     .is_none()
                     .then(|| q.max_position_embeddings.unwrap_or(2048))
             }),
+            ModelFamily::Moa => self.model.moa.as_ref().map(|m| m.max_position_embeddings),
         }
     }
 }

@@ -35,6 +35,89 @@ pub struct Recipe {
     /// Parameter-efficient fine-tuning: LoRA adapters on a frozen (optionally NF4) base.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adapter: Option<AdapterSection>,
+    /// Dream consolidation: periodic per-tensor learning-rate multipliers from gradient
+    /// statistics and router usage (DiscoverLM's method).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dream: Option<DreamSection>,
+}
+
+/// `[dream]`: every `every` steps, a consolidation cycle turns the recent gradient statistics
+/// of each parameter tensor and the routers' path usage into learning-rate multipliers,
+/// which the optimizer applies until the next cycle. The gradient statistic is the relative
+/// jitter: the exponential average of the step-to-step change of the tensor's gradient RMS,
+/// over the average RMS.
+///
+/// - crystallize: a tensor whose relative jitter is below `crystallize_below` has settled:
+///   its multiplier is multiplied by `crystallize_factor`;
+/// - dissolve: a tensor whose relative jitter is above `dissolve_above` is oscillating: its
+///   multiplier is multiplied by `dissolve_factor`;
+/// - prune: the tensors of a router path used by fewer than `prune_below` of its fair share
+///   of tokens are multiplied by `prune_factor` (the path fades instead of wasting updates);
+/// - diagnose: path usage and router confidence per layer go into the cycle's report.
+///
+/// Multipliers stay within `[min_multiplier, max_multiplier]`, are checkpointed, and every
+/// cycle appends one row to the run's `dream.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DreamSection {
+    /// Optimizer steps between cycles.
+    pub every: u64,
+    /// Decay of the exponential averages of each tensor's gradient RMS (per step).
+    #[serde(default = "default_dream_ema")]
+    pub ema: f64,
+    /// Relative jitter of the gradient RMS below which a tensor crystallizes.
+    #[serde(default = "default_crystallize_below")]
+    pub crystallize_below: f64,
+    /// Multiplier factor of a crystallizing tensor (below 1).
+    #[serde(default = "default_crystallize_factor")]
+    pub crystallize_factor: f64,
+    /// Relative jitter of the gradient RMS above which a tensor dissolves.
+    #[serde(default = "default_dissolve_above")]
+    pub dissolve_above: f64,
+    /// Multiplier factor of a dissolving tensor (above 1).
+    #[serde(default = "default_dissolve_factor")]
+    pub dissolve_factor: f64,
+    /// Fraction of its fair share of tokens (`top_k / paths`) under which a router path is
+    /// pruned.
+    #[serde(default = "default_prune_below")]
+    pub prune_below: f64,
+    /// Multiplier factor of a pruned path's tensors (below 1).
+    #[serde(default = "default_prune_factor")]
+    pub prune_factor: f64,
+    /// Lowest multiplier.
+    #[serde(default = "default_min_multiplier")]
+    pub min_multiplier: f64,
+    /// Highest multiplier.
+    #[serde(default = "default_max_multiplier")]
+    pub max_multiplier: f64,
+}
+
+fn default_dream_ema() -> f64 {
+    0.9
+}
+fn default_crystallize_below() -> f64 {
+    0.15
+}
+fn default_crystallize_factor() -> f64 {
+    0.9
+}
+fn default_dissolve_above() -> f64 {
+    0.6
+}
+fn default_dissolve_factor() -> f64 {
+    1.1
+}
+fn default_prune_below() -> f64 {
+    0.25
+}
+fn default_prune_factor() -> f64 {
+    0.5
+}
+fn default_min_multiplier() -> f64 {
+    0.05
+}
+fn default_max_multiplier() -> f64 {
+    4.0
 }
 
 /// `[adapter]`: LoRA (PEFT semantics) on a frozen base.
@@ -101,10 +184,15 @@ pub struct RunSection {
     /// Device on the backend: `cpu`, or `cuda` / `cuda:N` for the CUDA backend.
     #[serde(default = "default_device")]
     pub device: String,
-    /// Stop cleanly (checkpoint, then exit) after this much wall time, e.g. `"90s"`,
-    /// `"45m"`, `"2h"`. A resumed run gets the same budget again.
-    #[serde(default)]
-    pub max_wall_time: Option<String>,
+    /// Stop cleanly (checkpoint, then exit) after this much wall time of a session, e.g.
+    /// `"90s"`, `"45m"`, `"2h"`; `"none"` for no limit. The default is DiscoverLM's one-day
+    /// rule, `"24h"`. A resumed run gets the same budget again.
+    #[serde(default = "default_max_wall_time")]
+    pub max_wall_time: String,
+}
+
+fn default_max_wall_time() -> String {
+    "24h".to_string()
 }
 
 fn default_seed() -> u64 {
@@ -152,6 +240,111 @@ pub struct ModelSection {
     /// Settings of the `qwen2` family; required when `family = "qwen2"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qwen2: Option<Qwen2Section>,
+    /// Settings of the `moa` family; required when `family = "moa"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moa: Option<MoaSection>,
+}
+
+/// `[model.moa]`: a DiscoverLM mixture-of-attentions language model (random init).
+///
+/// Each block routes every token to the top-2 of four paths (local causal depthwise conv,
+/// multi-head metric attention, gated channel mixing, multi-query metric attention), then
+/// through a HyperFFN that routes it to the top-2 of three experts (SwiGLU, causal
+/// depthwise-separable conv, gated low-rank bottleneck). The embedding is tied to the head.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoaSection {
+    /// Vocabulary size (rows of the tied embedding).
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Number of MoA blocks.
+    pub num_layers: usize,
+    /// Heads of both metric attentions (the multi-query path shares one key/value head).
+    pub num_heads: usize,
+    /// Width of the HyperFFN's SwiGLU expert.
+    pub intermediate_size: usize,
+    /// Rank of the HyperFFN's gated low-rank expert (default `hidden_size / 8`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ffn_rank: Option<usize>,
+    /// Kernel of the local causal depthwise convolutions (path and HyperFFN expert).
+    #[serde(default = "default_conv_kernel")]
+    pub conv_kernel: usize,
+    /// Paths (and HyperFFN experts) each token is routed to.
+    #[serde(default = "default_top_k")]
+    pub top_k: usize,
+    /// Probability of dropping a block's residual branch for a whole sequence in training
+    /// (DropPath), rising linearly from 0 at the first block to this at the last.
+    #[serde(default)]
+    pub drop_path: f64,
+    /// Longest sequence, and the period of BlackHoleRoPE's Fourier perturbation.
+    #[serde(default = "default_moa_max_position")]
+    pub max_position_embeddings: usize,
+    /// RoPE base frequency of BlackHoleRoPE.
+    #[serde(default = "default_moa_rope_theta")]
+    pub rope_theta: f64,
+    /// Fourier terms of BlackHoleRoPE's learned angle perturbation.
+    #[serde(default = "default_rope_fourier")]
+    pub rope_fourier: usize,
+    /// Bound of the value energy gate `1 + beta * tanh(.)`.
+    #[serde(default = "default_energy_beta")]
+    pub energy_beta: f64,
+    /// Logit penalty per unit of distance a key lies outside its head's learned ball
+    /// (0: no ball pruning).
+    #[serde(default = "default_ball_sharpness")]
+    pub ball_sharpness: f64,
+    /// Weight of the triangle-inequality regularizer.
+    #[serde(default = "default_triangle_weight")]
+    pub triangle_weight: f64,
+    /// Triples sampled per sequence, layer and attention path for the regularizer.
+    #[serde(default = "default_triangle_samples")]
+    pub triangle_samples: usize,
+    /// Weight of the routers' load-balancing loss.
+    #[serde(default = "default_balance_weight")]
+    pub balance_weight: f64,
+    /// RMSNorm epsilon.
+    #[serde(default = "default_moa_eps")]
+    pub rms_norm_eps: f64,
+    /// Standard deviation of the normal initialization.
+    #[serde(default = "default_moa_init")]
+    pub initializer_range: f64,
+}
+
+fn default_conv_kernel() -> usize {
+    4
+}
+fn default_top_k() -> usize {
+    2
+}
+fn default_moa_max_position() -> usize {
+    2048
+}
+fn default_moa_rope_theta() -> f64 {
+    10_000.0
+}
+fn default_rope_fourier() -> usize {
+    4
+}
+fn default_energy_beta() -> f64 {
+    0.5
+}
+fn default_ball_sharpness() -> f64 {
+    4.0
+}
+fn default_triangle_weight() -> f64 {
+    0.01
+}
+fn default_triangle_samples() -> usize {
+    64
+}
+fn default_balance_weight() -> f64 {
+    0.01
+}
+fn default_moa_eps() -> f64 {
+    1e-6
+}
+fn default_moa_init() -> f64 {
+    0.02
 }
 
 /// The model families kiln knows.
@@ -160,6 +353,8 @@ pub struct ModelSection {
 pub enum ModelFamily {
     /// A Qwen2 / Qwen2.5 decoder (Hugging Face `Qwen2ForCausalLM`).
     Qwen2,
+    /// DiscoverLM's mixture-of-attentions language model.
+    Moa,
 }
 
 impl ModelFamily {
@@ -167,6 +362,7 @@ impl ModelFamily {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Qwen2 => "qwen2",
+            Self::Moa => "moa",
         }
     }
 }
@@ -628,6 +824,21 @@ pub struct TrainSection {
     /// one more forward pass of compute.
     #[serde(default)]
     pub activation_checkpointing: bool,
+    /// Convergence guard: stop (finished, with a message) when the best evaluation loss of
+    /// the last `convergence_window` steps is not at least `convergence_min_improvement`
+    /// (a fraction) below the best before them. 0: off. Needs `eval_every`.
+    #[serde(default)]
+    pub convergence_window: u64,
+    /// Fraction by which the evaluation loss must improve over `convergence_window` steps.
+    #[serde(default = "default_min_improvement")]
+    pub convergence_min_improvement: f64,
+    /// Phases whose tokens per step differ are intended (no warning).
+    #[serde(default)]
+    pub varying_tokens_per_step: bool,
+}
+
+fn default_min_improvement() -> f64 {
+    0.01
 }
 
 fn is_zero(x: &f64) -> bool {
@@ -646,6 +857,9 @@ impl Default for TrainSection {
             eval_window: None,
             neftune_alpha: 0.0,
             activation_checkpointing: false,
+            convergence_window: 0,
+            convergence_min_improvement: default_min_improvement(),
+            varying_tokens_per_step: false,
         }
     }
 }

@@ -39,6 +39,7 @@ impl Recipe {
         self.validate_phases(&mut e);
         self.validate_optim(&mut e);
         self.validate_adapter(&mut e);
+        self.validate_dream(&mut e);
         if e.list.is_empty() {
             Ok(())
         } else {
@@ -62,8 +63,13 @@ impl Recipe {
             "run.out_dir",
             "must not be empty",
         );
-        if let Some(Err(msg)) = self.run.max_wall_time.as_deref().map(parse_duration) {
-            e.push("run.max_wall_time", msg);
+        if self.run.max_wall_time != "none"
+            && let Err(msg) = parse_duration(&self.run.max_wall_time)
+        {
+            e.push(
+                "run.max_wall_time",
+                format!("{msg} (or `none` for no limit)"),
+            );
         }
         let device = self.run.device.as_str();
         match self.run.backend {
@@ -86,8 +92,121 @@ impl Recipe {
         }
     }
 
+    /// What is allowed but probably unintended, each naming the file and key.
+    pub fn warnings(&self, path: &Path) -> Vec<ValidationError> {
+        let mut e = Errors {
+            path,
+            list: Vec::new(),
+        };
+        if !self.train.varying_tokens_per_step
+            && let Some(first) = self.phases.first()
+        {
+            let want = self.tokens_per_step(first);
+            for (i, p) in self.phases.iter().enumerate().skip(1) {
+                let got = self.tokens_per_step(p);
+                e.check(
+                    got == want,
+                    format!("phases[{i}]"),
+                    format!(
+                        "{got} tokens per step (batch {} x window {} x accum {}) differs from phases[0]'s {want}: the gradient noise and the effective learning rate change between phases; set `train.varying_tokens_per_step = true` if that is intended",
+                        p.batch_size, p.window, self.train.grad_accum
+                    ),
+                );
+            }
+        }
+        e.list
+    }
+
+    fn validate_dream(&self, e: &mut Errors<'_>) {
+        let Some(d) = &self.dream else {
+            return;
+        };
+        e.check(d.every > 0, "dream.every", "must be at least 1");
+        e.check(
+            (0.0..1.0).contains(&d.ema),
+            "dream.ema",
+            format!("{} must be in [0, 1)", d.ema),
+        );
+        for (key, v) in [
+            ("crystallize_below", d.crystallize_below),
+            ("dissolve_above", d.dissolve_above),
+            ("prune_below", d.prune_below),
+        ] {
+            e.check(
+                v.is_finite() && v >= 0.0,
+                format!("dream.{key}"),
+                format!("{v} must not be negative"),
+            );
+        }
+        e.check(
+            d.crystallize_below <= d.dissolve_above,
+            "dream.crystallize_below",
+            format!(
+                "{} exceeds dream.dissolve_above {}",
+                d.crystallize_below, d.dissolve_above
+            ),
+        );
+        for (key, v, below) in [
+            ("crystallize_factor", d.crystallize_factor, true),
+            ("prune_factor", d.prune_factor, true),
+            ("dissolve_factor", d.dissolve_factor, false),
+        ] {
+            let ok = v > 0.0
+                && if below {
+                    v <= 1.0
+                } else {
+                    v >= 1.0 && v.is_finite()
+                };
+            e.check(
+                ok,
+                format!("dream.{key}"),
+                format!(
+                    "{v} must be {}",
+                    if below { "in (0, 1]" } else { "at least 1" }
+                ),
+            );
+        }
+        e.check(
+            d.min_multiplier > 0.0 && d.min_multiplier <= 1.0,
+            "dream.min_multiplier",
+            format!("{} must be in (0, 1]", d.min_multiplier),
+        );
+        e.check(
+            d.max_multiplier >= 1.0 && d.max_multiplier.is_finite(),
+            "dream.max_multiplier",
+            format!("{} must be at least 1", d.max_multiplier),
+        );
+    }
+
     fn validate_model(&self, e: &mut Errors<'_>) {
+        if self.model.family != ModelFamily::Moa && self.model.moa.is_some() {
+            e.push(
+                "model.moa",
+                format!(
+                    "applies to `family = \"moa\"`, not `{}`",
+                    self.model.family.as_str()
+                ),
+            );
+        }
+        if self.model.family != ModelFamily::Qwen2 {
+            if self.model.qwen2.is_some() {
+                e.push(
+                    "model.qwen2",
+                    format!(
+                        "applies to `family = \"qwen2\"`, not `{}`",
+                        self.model.family.as_str()
+                    ),
+                );
+            }
+            if self.adapter.is_some() {
+                e.push(
+                    "adapter",
+                    "LoRA adapters apply to the `qwen2` family (a pretrained base to adapt)",
+                );
+            }
+        }
         match self.model.family {
+            ModelFamily::Moa => self.validate_moa(e),
             ModelFamily::Qwen2 => {
                 let Some(q) = &self.model.qwen2 else {
                     e.push(
@@ -169,6 +288,94 @@ impl Recipe {
                 }
             }
         }
+    }
+
+    fn validate_moa(&self, e: &mut Errors<'_>) {
+        let Some(m) = &self.model.moa else {
+            e.push(
+                "model.moa",
+                "missing: `family = \"moa\"` needs a `[model.moa]` table",
+            );
+            return;
+        };
+        for (key, v) in [
+            ("vocab_size", m.vocab_size),
+            ("hidden_size", m.hidden_size),
+            ("num_layers", m.num_layers),
+            ("num_heads", m.num_heads),
+            ("intermediate_size", m.intermediate_size),
+            ("conv_kernel", m.conv_kernel),
+            ("max_position_embeddings", m.max_position_embeddings),
+            ("ffn_rank", m.ffn_rank.unwrap_or(1)),
+        ] {
+            e.check(v > 0, format!("model.moa.{key}"), "must be at least 1");
+        }
+        if m.num_heads > 0 && m.hidden_size % m.num_heads != 0 {
+            e.push(
+                "model.moa.hidden_size",
+                format!(
+                    "{} is not divisible by num_heads {}",
+                    m.hidden_size, m.num_heads
+                ),
+            );
+        } else if m.num_heads > 0 && (m.hidden_size / m.num_heads) % 2 != 0 {
+            e.push(
+                "model.moa.hidden_size",
+                format!(
+                    "head dimension {} must be even for rotary embeddings",
+                    m.hidden_size / m.num_heads
+                ),
+            );
+        }
+        e.check(
+            (1..=3).contains(&m.top_k),
+            "model.moa.top_k",
+            format!(
+                "{} must be 1, 2 or 3 (the HyperFFN has three experts)",
+                m.top_k
+            ),
+        );
+        e.check(
+            (0.0..1.0).contains(&m.drop_path),
+            "model.moa.drop_path",
+            format!("{} must be in [0, 1)", m.drop_path),
+        );
+        for (key, v) in [
+            ("rope_theta", m.rope_theta),
+            ("rms_norm_eps", m.rms_norm_eps),
+            ("initializer_range", m.initializer_range),
+        ] {
+            e.check(
+                v.is_finite() && v > 0.0,
+                format!("model.moa.{key}"),
+                format!("{v} must be positive"),
+            );
+        }
+        for (key, v) in [
+            ("energy_beta", m.energy_beta),
+            ("ball_sharpness", m.ball_sharpness),
+            ("triangle_weight", m.triangle_weight),
+            ("balance_weight", m.balance_weight),
+        ] {
+            e.check(
+                v.is_finite() && v >= 0.0,
+                format!("model.moa.{key}"),
+                format!("{v} must not be negative"),
+            );
+        }
+        e.check(
+            m.energy_beta < 1.0,
+            "model.moa.energy_beta",
+            format!(
+                "{} must be below 1 (the gate 1 + beta * tanh(.) must stay positive)",
+                m.energy_beta
+            ),
+        );
+        e.check(
+            m.triangle_weight == 0.0 || m.triangle_samples > 0,
+            "model.moa.triangle_samples",
+            "must be at least 1 when triangle_weight is set",
+        );
     }
 
     fn validate_data(&self, e: &mut Errors<'_>) {
@@ -439,6 +646,21 @@ impl Recipe {
             "must be at least 1",
         );
         e.check(t.eval_tokens > 0, "train.eval_tokens", "must be at least 1");
+        if t.convergence_window > 0 {
+            e.check(
+                t.eval_every > 0 && t.convergence_window >= t.eval_every,
+                "train.convergence_window",
+                format!(
+                    "{} needs `train.eval_every` set to at most the window (it compares evaluations)",
+                    t.convergence_window
+                ),
+            );
+        }
+        e.check(
+            (0.0..1.0).contains(&t.convergence_min_improvement),
+            "train.convergence_min_improvement",
+            format!("{} must be in [0, 1)", t.convergence_min_improvement),
+        );
         e.check(
             t.neftune_alpha.is_finite() && t.neftune_alpha >= 0.0,
             "train.neftune_alpha",

@@ -53,6 +53,9 @@ pub struct TrainState {
     /// SHA-256 of every other file of the checkpoint.
     #[serde(default)]
     pub files: BTreeMap<String, String>,
+    /// Dream consolidation's statistics and learning-rate multipliers (runs with `[dream]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dream: Option<crate::dream::Dream>,
 }
 
 /// A checkpoint read back from disk.

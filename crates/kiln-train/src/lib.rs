@@ -10,6 +10,7 @@
 //! terminal: progress goes to an [`Observer`].
 
 pub mod checkpoint;
+pub mod dream;
 pub mod loss;
 mod metrics;
 pub mod optim;
@@ -75,6 +76,9 @@ pub enum Outcome {
     Interrupted,
     /// Stopped at `run.max_wall_time` or the session's step limit; a checkpoint was written.
     Paused,
+    /// Stopped by the convergence guard (`train.convergence_window`): the evaluation loss
+    /// stopped improving. A checkpoint was written; the run counts as finished.
+    Converged,
 }
 
 /// One optimizer step, as written to `metrics.jsonl`.
@@ -86,6 +90,14 @@ pub struct StepMetrics {
     pub phase: String,
     /// Mean loss over trained target tokens of the step (auxiliary losses included).
     pub loss: f64,
+    /// The auxiliary losses in `loss`, by name (e.g. MoA's `triangle` and `balance`):
+    /// the language-model loss is `loss` minus their sum.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub aux_losses: std::collections::BTreeMap<String, f64>,
+    /// Per router (MoA): the fraction of tokens that kept each path, then the mean top
+    /// router probability, averaged over the step's micro-batches.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub router_usage: std::collections::BTreeMap<String, Vec<f64>>,
     /// Learning rate used.
     pub lr: f64,
     /// Global gradient norm before clipping.

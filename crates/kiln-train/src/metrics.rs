@@ -21,7 +21,16 @@ impl MetricsLog {
     /// steps, written after the last checkpoint by a session that crashed, are dropped
     /// first, so the log reads as if the run had never stopped.
     pub(crate) fn open(run_dir: &Path, keep_through: u64) -> Result<Self, TrainError> {
-        let path = run_dir.join("metrics.jsonl");
+        Self::open_named(run_dir, "metrics.jsonl", keep_through)
+    }
+
+    /// [`MetricsLog::open`] for another JSON-lines log of the run (e.g. `dream.jsonl`).
+    pub(crate) fn open_named(
+        run_dir: &Path,
+        name: &str,
+        keep_through: u64,
+    ) -> Result<Self, TrainError> {
+        let path = run_dir.join(name);
         let io = |source| TrainError::Io {
             path: path.clone(),
             source,
@@ -41,7 +50,7 @@ impl MetricsLog {
                     text.push('\n');
                 }
             }
-            let tmp = run_dir.join(".metrics.jsonl.tmp");
+            let tmp = run_dir.join(format!(".{name}.tmp"));
             fs::write(&tmp, text).map_err(io)?;
             fs::rename(&tmp, &path).map_err(io)?;
         }

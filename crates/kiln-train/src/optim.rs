@@ -96,6 +96,11 @@ impl<IB: Backend> GradAccumulator<IB> {
         }
     }
 
+    /// The summed gradients so far, by parameter name (flattened).
+    pub fn grads(&self) -> &BTreeMap<String, Tensor<IB, 1>> {
+        &self.grads
+    }
+
     /// Takes the summed gradients, leaving the accumulator empty.
     pub fn take(&mut self) -> BTreeMap<String, Tensor<IB, 1>> {
         std::mem::take(&mut self.grads)
@@ -316,8 +321,16 @@ impl<B: Backend> AdamW<B> {
         Tensor::from_data(TensorData::new(p, [n]), &device)
     }
 
-    /// Applies one update with learning rate `lr` to every parameter that has a gradient.
-    pub fn step<AB, M>(&mut self, model: M, grads: BTreeMap<String, Tensor<B, 1>>, lr: f64) -> M
+    /// Applies one update with learning rate `lr` to every parameter that has a gradient;
+    /// a parameter named in `multipliers` gets `lr` times its multiplier (for its update and
+    /// its weight decay, as a PyTorch parameter group with its own learning rate).
+    pub fn step<AB, M>(
+        &mut self,
+        model: M,
+        grads: BTreeMap<String, Tensor<B, 1>>,
+        lr: f64,
+        multipliers: &BTreeMap<String, f64>,
+    ) -> M
     where
         AB: AutodiffBackend<InnerBackend = B>,
         M: AutodiffModule<AB>,
@@ -328,6 +341,7 @@ impl<B: Backend> AdamW<B> {
             grads,
             optim: self,
             lr,
+            multipliers,
         };
         model.map(&mut mapper)
     }
@@ -382,6 +396,7 @@ struct Update<'a, AB: AutodiffBackend> {
     grads: BTreeMap<String, Tensor<AB::InnerBackend, 1>>,
     optim: &'a mut AdamW<AB::InnerBackend>,
     lr: f64,
+    multipliers: &'a BTreeMap<String, f64>,
 }
 
 impl<AB: AutodiffBackend> ModuleMapper<AB> for Update<'_, AB> {
@@ -402,7 +417,8 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for Update<'_, AB> {
         let shape = tensor.shape();
         let n = shape.num_elements();
         let flat = tensor.inner().reshape([n]);
-        let updated = self.optim.update(&name, flat, grad, D, self.lr);
+        let lr = self.lr * self.multipliers.get(&name).copied().unwrap_or(1.0);
+        let updated = self.optim.update(&name, flat, grad, D, lr);
         let tensor = Tensor::<AB, D>::from_inner(updated.reshape(shape)).require_grad();
         Param::from_mapped_value(id, tensor, mapper)
     }

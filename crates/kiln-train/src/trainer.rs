@@ -8,10 +8,11 @@ use burn::module::AutodiffModule;
 use burn::prelude::*;
 
 use kiln_data::{Batch, DataPipeline, Tokenizer};
-use kiln_models::{KilnAutodiffBackend, KilnBackend, Model, ModelSpec, trainable_params};
+use kiln_models::{Aux, KilnAutodiffBackend, KilnBackend, Model, ModelSpec, trainable_params};
 use kiln_recipe::Recipe;
 
 use crate::checkpoint::{Checkpoint, TrainState, write_checkpoint};
+use crate::dream::Dream;
 use crate::loss::{input_tensor, masked_nll};
 use crate::metrics::MetricsLog;
 use crate::optim::{AdamW, GradAccumulator};
@@ -21,6 +22,55 @@ use crate::{EvalMetrics, Event, Observer, Outcome, StepMetrics, TrainError};
 
 fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
     f64::from(t.into_scalar().elem::<f32>())
+}
+
+/// Reads named 1-D tensors back to the host in one transfer.
+fn read_named<B: Backend>(items: Vec<(String, Tensor<B, 1>)>) -> Vec<(String, Vec<f32>)> {
+    if items.is_empty() {
+        return Vec::new();
+    }
+    let (names, tensors): (Vec<String>, Vec<Tensor<B, 1>>) = items.into_iter().unzip();
+    let lens: Vec<usize> = tensors.iter().map(|t| t.dims()[0]).collect();
+    let values = Tensor::cat(tensors, 0)
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .unwrap_or_default();
+    let mut at = 0;
+    names
+        .into_iter()
+        .zip(lens)
+        .map(|(n, len)| {
+            let v = values[at..at + len].to_vec();
+            at += len;
+            (n, v)
+        })
+        .collect()
+}
+
+/// Why the convergence guard stops the run, if it does: the best evaluation loss of the
+/// last `window` steps is not `min_improvement` (a fraction) below the best before them.
+fn converged(history: &[(u64, f64)], window: u64, min_improvement: f64) -> Option<String> {
+    let &(now, _) = history.last()?;
+    let cutoff = now.checked_sub(window)?;
+    let best = |it: &mut dyn Iterator<Item = f64>| it.fold(f64::INFINITY, f64::min);
+    let before = best(
+        &mut history
+            .iter()
+            .filter(|(s, _)| *s <= cutoff)
+            .map(|(_, l)| *l),
+    );
+    let recent = best(&mut history.iter().filter(|(s, _)| *s > cutoff).map(|(_, l)| *l));
+    if !before.is_finite() || !recent.is_finite() {
+        return None;
+    }
+    (recent > before * (1.0 - min_improvement)).then(|| {
+        format!(
+            "converged: the best eval loss of steps {}..={now} is {recent:.4}, not {:.1}% below the best before them ({before:.4}); stopping (train.convergence_window = {window}, train.convergence_min_improvement = {min_improvement})",
+            cutoff + 1,
+            min_improvement * 100.0
+        )
+    })
 }
 
 /// The phase index of optimizer step `step` (1-based), and the phase's first and last step.
@@ -164,6 +214,10 @@ pub fn train<B: KilnAutodiffBackend>(
                 recipe_hash: recipe_hash.clone(),
                 base: base.clone(),
                 files: BTreeMap::new(),
+                dream: recipe
+                    .dream
+                    .as_ref()
+                    .map(|_| ckpt.state.dream.clone().unwrap_or_default()),
                 ..ckpt.state
             }
         }
@@ -179,6 +233,7 @@ pub fn train<B: KilnAutodiffBackend>(
                 kiln_version: env!("CARGO_PKG_VERSION").to_string(),
                 base: base.clone(),
                 files: BTreeMap::new(),
+                dream: recipe.dream.as_ref().map(|_| Dream::default()),
             }
         }
     };
@@ -195,6 +250,20 @@ pub fn train<B: KilnAutodiffBackend>(
     // Rows past the starting step were written by a session that died before its next
     // checkpoint (or, starting from zero, before any): they are replayed, so drop them.
     let mut metrics = MetricsLog::open(run.path(), state.step)?;
+    let mut dream_log = match recipe.dream {
+        Some(_) => Some(MetricsLog::open_named(
+            run.path(),
+            "dream.jsonl",
+            state.step,
+        )?),
+        None => None,
+    };
+    // The evaluations so far, for the convergence guard.
+    let mut eval_history: Vec<(u64, f64)> = crate::read_metrics(&run.path().join("metrics.jsonl"))?
+        .iter()
+        .filter(|r| r.get("kind").and_then(|k| k.as_str()) == Some("eval"))
+        .filter_map(|r| Some((r.get("step")?.as_u64()?, r.get("eval_loss")?.as_f64()?)))
+        .collect();
     // What each source gave this session: rows read, skipped and filtered, tokens.
     for src in data.sources() {
         let m = &src.cache().meta;
@@ -252,10 +321,10 @@ pub fn train<B: KilnAutodiffBackend>(
                     phase: &str,
                     metrics: &mut MetricsLog,
                     observer: &mut dyn Observer|
-     -> Result<(), TrainError> {
+     -> Result<Option<f64>, TrainError> {
         let valid = model.valid();
-        if let Some((loss, count, bpb)) = evaluate(&valid, &eval_batches, data.tokenizer(), device)
-        {
+        let result = evaluate(&valid, &eval_batches, data.tokenizer(), device);
+        if let Some((loss, count, bpb)) = result {
             let row = EvalMetrics {
                 step,
                 phase: phase.to_string(),
@@ -267,7 +336,7 @@ pub fn train<B: KilnAutodiffBackend>(
             metrics.write("eval", &row)?;
             observer.event(Event::Eval(&row));
         }
-        Ok(())
+        Ok(result.map(|(loss, _, _)| loss))
     };
 
     while state.step < total_steps {
@@ -311,20 +380,47 @@ pub fn train<B: KilnAutodiffBackend>(
         let denom = trained.max(1) as f64;
         let mut acc = GradAccumulator::<B::InnerBackend>::default();
         let mut loss_sum = 0.0;
+        let mut aux_losses: BTreeMap<String, f64> = BTreeMap::new();
+        let mut router_usage: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        let accum = recipe.train.grad_accum as f64;
         for (k, batch) in batches.iter().enumerate() {
-            if recipe.train.activation_checkpointing {
+            let (aux, stats) = if recipe.train.activation_checkpointing {
                 let seed = recipe.run.seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ k as u64;
-                loss_sum += checkpointed_backward(&model, batch, denom, device, seed, &mut acc);
-                continue;
+                let (value, aux, stats) =
+                    checkpointed_backward(&model, batch, denom, accum, device, seed, &mut acc);
+                loss_sum += value;
+                (aux, stats)
+            } else {
+                let out = model.forward(input_tensor::<B>(batch, device));
+                let (nll, _) = masked_nll(out.logits, batch, device);
+                let mut loss = nll.div_scalar(denom);
+                let mut aux = Vec::new();
+                for (name, a) in out.aux_losses {
+                    let a = a.div_scalar(accum);
+                    loss = loss + a.clone();
+                    aux.push((name, a));
+                }
+                let aux = read_named(aux);
+                let stats = read_named(out.stats);
+                loss_sum += scalar(loss.clone());
+                acc.accumulate::<B, _>(&model, loss.backward());
+                (aux, stats)
+            };
+            for (name, v) in aux {
+                *aux_losses.entry(name).or_default() +=
+                    v.iter().map(|x| f64::from(*x)).sum::<f64>();
             }
-            let out = model.forward(input_tensor::<B>(batch, device));
-            let (nll, _) = masked_nll(out.logits, batch, device);
-            let mut loss = nll.div_scalar(denom);
-            for (_, aux) in out.aux_losses {
-                loss = loss + aux.div_scalar(recipe.train.grad_accum as f64);
+            if let Some(d) = state.dream.as_mut() {
+                d.observe_routers(&stats);
             }
-            loss_sum += scalar(loss.clone());
-            acc.accumulate::<B, _>(&model, loss.backward());
+            for (name, v) in stats {
+                let sum = router_usage
+                    .entry(name)
+                    .or_insert_with(|| vec![0.0; v.len()]);
+                for (s, x) in sum.iter_mut().zip(&v) {
+                    *s += f64::from(*x) / batches.len() as f64;
+                }
+            }
         }
         if !loss_sum.is_finite() {
             return fail(
@@ -338,6 +434,9 @@ pub fn train<B: KilnAutodiffBackend>(
             );
         }
         let grad_norm = acc.global_norm();
+        if let (Some(d), Some(cfg)) = (state.dream.as_mut(), &recipe.dream) {
+            d.observe(acc.grads(), cfg.ema);
+        }
         if !grad_norm.is_finite() {
             return fail(
                 run,
@@ -353,7 +452,12 @@ pub fn train<B: KilnAutodiffBackend>(
             acc.scale(clip / (grad_norm + 1e-6));
         }
         let lr = schedule.lr(step, phase.lr_scale);
-        model = optim.step::<B, _>(model, acc.take(), lr);
+        let multipliers = state
+            .dream
+            .as_ref()
+            .map(Dream::multipliers)
+            .unwrap_or_default();
+        model = optim.step::<B, _>(model, acc.take(), lr, &multipliers);
 
         let positions = batches
             .iter()
@@ -369,6 +473,8 @@ pub fn train<B: KilnAutodiffBackend>(
             step,
             phase: phase_name.clone(),
             loss: loss_sum,
+            aux_losses,
+            router_usage,
             lr,
             grad_norm,
             tokens: state.tokens,
@@ -391,9 +497,47 @@ pub fn train<B: KilnAutodiffBackend>(
         metrics.write("train", &row)?;
         observer.event(Event::Step(&row));
 
+        if let (Some(d), Some(cfg), Some(log)) =
+            (state.dream.as_mut(), &recipe.dream, dream_log.as_mut())
+            && step % cfg.every == 0
+        {
+            let report = d.cycle(step, cfg, &model.routers());
+            log.write("dream", &report)?;
+            observer.event(Event::Info(format!(
+                "dream cycle {} at step {step}: {} tensors crystallized, {} dissolved, {} paths pruned{}; learning-rate multipliers {:.3}..{:.3} (mean {:.3})",
+                report.cycle,
+                report.crystallized.len(),
+                report.dissolved.len(),
+                report.pruned.len(),
+                if report.pruned.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", report.pruned.join(", "))
+                },
+                report.multiplier_min,
+                report.multiplier_max,
+                report.multiplier_mean,
+            )));
+        }
+        let mut converged_now = None;
         if recipe.train.eval_every > 0 && step % recipe.train.eval_every == 0 {
-            run_eval(&model, step, &phase_name, &mut metrics, observer)?;
+            if let Some(loss) = run_eval(&model, step, &phase_name, &mut metrics, observer)? {
+                eval_history.push((step, loss));
+            }
             last_eval_step = Some(step);
+            if recipe.train.convergence_window > 0 {
+                converged_now = converged(
+                    &eval_history,
+                    recipe.train.convergence_window,
+                    recipe.train.convergence_min_improvement,
+                );
+            }
+        }
+        if let Some(why) = converged_now {
+            checkpoint(&state, &model, &optim, observer)?;
+            observer.event(Event::Warn(why.clone()));
+            run.write_status(RunStatus::Finished, state.step, Some(why))?;
+            return Ok(Outcome::Converged);
         }
         if step == last {
             observer.event(Event::PhaseEnd {
@@ -456,17 +600,21 @@ pub fn train<B: KilnAutodiffBackend>(
 
 /// One micro-batch's loss and gradients with activation checkpointing: the forward pass
 /// keeps only each layer's input; the backward pass recomputes one layer at a time and
-/// backpropagates through it alone, so activations of a single layer are alive at once.
-/// Each layer reseeds the backend's generator before both of its passes, so its random ops
-/// (adapter dropout) draw the same values in the recomputation. Returns the loss.
+/// backpropagates through it alone (with the layer's auxiliary losses), so activations of a
+/// single layer are alive at once. Each layer reseeds the backend's generator before both
+/// of its passes, so its random ops (dropout, DropPath, sampled triples) draw the same
+/// values in the recomputation. Returns the loss, the auxiliary losses (divided by `accum`)
+/// and the layers' statistics.
+#[allow(clippy::type_complexity)]
 fn checkpointed_backward<B: KilnAutodiffBackend>(
     model: &Model<B>,
     batch: &Batch,
     denom: f64,
+    accum: f64,
     device: &B::Device,
     seed: u64,
     acc: &mut GradAccumulator<B::InnerBackend>,
-) -> f64 {
+) -> (f64, Vec<(String, Vec<f32>)>, Vec<(String, Vec<f32>)>) {
     let ids = input_tensor::<B>(batch, device);
     let ctx = model.layer_context(&ids);
     let n = model.num_layers();
@@ -475,11 +623,12 @@ fn checkpointed_backward<B: KilnAutodiffBackend>(
     // recorded, so no layer's activations outlive it (on the autodiff backend all the same,
     // so dropout and NEFTune act exactly as in the recomputation).
     let untracked = model.clone().no_grad();
+    let mut forward_aux = Aux::default();
     B::seed(device, layer_seed(n));
     let mut inputs = vec![untracked.embed(ids.clone())];
     for l in 0..n {
         B::seed(device, layer_seed(l));
-        let y = untracked.layer(l, inputs[l].clone(), &ctx);
+        let y = untracked.layer(l, inputs[l].clone(), &ctx, &mut forward_aux);
         inputs.push(y);
     }
     let top = inputs
@@ -488,15 +637,23 @@ fn checkpointed_backward<B: KilnAutodiffBackend>(
         .require_grad();
     let (nll, _) = masked_nll(model.head(top.clone()), batch, device);
     let loss = nll.div_scalar(denom);
-    let value = scalar(loss.clone());
+    let mut value = scalar(loss.clone());
     let grads = loss.backward();
     let mut upstream = top.grad(&grads).expect("the head's input gradient");
     acc.accumulate::<B, _>(model, grads);
+    let mut aux_losses = Vec::new();
     for l in (0..n).rev() {
         B::seed(device, layer_seed(l));
         let x = inputs.pop().expect("layer input").require_grad();
-        let y = model.layer(l, x.clone(), &ctx);
-        let grads = (y * Tensor::from_inner(upstream)).sum().backward();
+        let mut aux = Aux::default();
+        let y = model.layer(l, x.clone(), &ctx, &mut aux);
+        let mut objective = (y * Tensor::from_inner(upstream)).sum();
+        for (name, a) in aux.losses {
+            let a = a.div_scalar(accum);
+            objective = objective + a.clone();
+            aux_losses.push((name, a));
+        }
+        let grads = objective.backward();
         upstream = x.grad(&grads).expect("the layer's input gradient");
         acc.accumulate::<B, _>(model, grads);
     }
@@ -506,7 +663,12 @@ fn checkpointed_backward<B: KilnAutodiffBackend>(
             .backward();
         acc.accumulate::<B, _>(model, grads);
     }
-    value
+    let aux_losses = read_named(aux_losses);
+    value += aux_losses
+        .iter()
+        .flat_map(|(_, v)| v.iter().map(|x| f64::from(*x)))
+        .sum::<f64>();
+    (value, aux_losses, read_named(forward_aux.stats))
 }
 
 /// The process's peak resident set size (`VmHWM`), where the OS reports it (Linux).
@@ -528,7 +690,23 @@ fn fail(run: &RunDir, step: u64, err: TrainError) -> Result<Outcome, TrainError>
 
 #[cfg(test)]
 mod tests {
-    use super::phase_of;
+    use super::{converged, phase_of};
+
+    #[test]
+    fn the_convergence_guard_compares_the_last_window_with_what_came_before() {
+        // Still improving by more than 1%: no stop.
+        let improving = [(10, 3.0), (20, 2.5), (30, 2.2), (40, 2.0)];
+        assert_eq!(converged(&improving, 20, 0.01), None);
+        // The best of steps 21..=40 (2.99) is not 1% below the best before (3.0).
+        let flat = [(10, 3.1), (20, 3.0), (30, 2.99), (40, 3.02)];
+        let why = converged(&flat, 20, 0.01).expect("stops");
+        assert!(
+            why.contains("steps 21..=40") && why.contains("3.0000"),
+            "{why}"
+        );
+        // Not enough history yet.
+        assert_eq!(converged(&flat[..1], 20, 0.01), None);
+    }
 
     #[test]
     fn phases_split_steps() {

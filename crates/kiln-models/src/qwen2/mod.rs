@@ -343,23 +343,10 @@ impl<B: KilnBackend> Qwen2ForCausalLM<B> {
     /// # Shapes
     /// - input_ids: `[batch, seq]` -> `[batch, seq, hidden]`
     pub fn embed(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        let device = input_ids.device();
-        let t = input_ids.dims()[1];
-        let mut x = self.model.embed_tokens.forward(input_ids); // [b, t, hidden]
-        if self.neftune_alpha > 0.0 && B::ad_enabled(&device) {
-            // NEFTune (Jain et al. 2023): uniform noise of magnitude alpha / sqrt(L * d) on
-            // the input embeddings, in training only (never in eval or generation, which run
-            // without autodiff).
-            let d = x.dims()[2];
-            let m = self.neftune_alpha / ((t * d) as f64).sqrt();
-            let noise = Tensor::random(
-                x.shape(),
-                burn::tensor::Distribution::Uniform(-m, m),
-                &device,
-            );
-            x = x + noise;
-        }
-        x
+        crate::neftune(
+            self.model.embed_tokens.forward(input_ids),
+            self.neftune_alpha,
+        )
     }
 
     /// Decoder layer `i`.
