@@ -234,14 +234,9 @@ impl MoaConfig {
     /// Parameters that enter matrix products per token; every path and expert is computed
     /// (see the module docs), so all of them count.
     pub fn matmul_params(&self) -> u64 {
-        let (d, h, e) = (
-            self.hidden_size as u64,
-            self.num_heads as u64,
-            self.head_dim() as u64,
-        );
+        let (d, e) = (self.hidden_size as u64, self.head_dim() as u64);
         let (i, r) = (self.intermediate_size as u64, self.ffn_rank as u64);
         let attn = |kv: u64| 2 * d * d + 2 * d * kv * e + d * kv;
-        let _ = h;
         let per_layer = d * d
             + attn(self.num_heads as u64)
             + 3 * d * d
