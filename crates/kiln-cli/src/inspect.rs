@@ -67,6 +67,21 @@ pub fn inspect(loaded: &LoadedRecipe, read_data: bool) -> Result<()> {
             c.top_k
         );
     }
+    if let ModelSpec::Convgpt(c) = &spec {
+        let w = r.phases.iter().map(|p| p.window).max().unwrap_or(1);
+        let (keys, summaries) = c.memory_reads_per_token(w);
+        println!(
+            "  per token: causal 1D conv of {} taps, causal {k}x{k} conv over a {side}x{side} Hilbert grid ({} positions), {} memory layers each reading {keys} keys ({} of {} chunks of {}, plus its own) and scoring {summaries} chunk summaries at window {w}",
+            c.conv_kernel,
+            4usize.pow(c.grid_order),
+            c.memory_layers(),
+            c.memory_top_k.min(summaries.saturating_sub(1)),
+            summaries,
+            c.memory_chunk,
+            k = c.conv2d_kernel,
+            side = 1usize << c.grid_order,
+        );
+    }
     let steps = r.phase_steps();
     if r.phases.iter().any(|p| p.epochs.is_some()) {
         println!("phases      lengths in epochs resolve into steps once the data is read");

@@ -35,9 +35,10 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::ops::FloatTensor;
+use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{TensorData, TensorPrimitive, s};
 
+use crate::gather::{self, GatherDims};
 use crate::nf4::Nf4Tensor;
 
 /// Query rows per attention block: bounds the scores held at once to
@@ -76,6 +77,37 @@ pub trait KilnBackend: Backend {
         Tensor::cat(blocks, 2).into_primitive().tensor()
     }
 
+    /// Attention of every query over its own keys: for `q: [rows, queries, e]`,
+    /// `k, v: [rows, keys, e]`, `idx: [rows, queries, reads]` (key positions within the row)
+    /// and a constant additive `bias: [rows, queries, reads]`, returns `[rows, queries, e]`
+    /// with `out_i = sum_j softmax_j(scale * q_i . k[idx_ij] + bias_ij) v[idx_ij]`. The
+    /// gathered keys and values are never materialized (see [`crate::gather`]); the default
+    /// computes on the host.
+    fn kiln_gather_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        idx: IntTensor<Self>,
+        bias: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        let device = Self::float_device(&q);
+        let (q, dims) = host_float::<Self>(q);
+        let (k, kdims) = host_float::<Self>(k);
+        let (v, _) = host_float::<Self>(v);
+        let (bias, _) = host_float::<Self>(bias);
+        let idx = host_int::<Self>(idx);
+        let d = GatherDims {
+            rows: dims[0],
+            queries: dims[1],
+            keys: kdims[1],
+            width: dims[2],
+            reads: idx.len() / (dims[0] * dims[1]).max(1),
+        };
+        let out = gather::forward(&q, &k, &v, &idx, &bias, d, scale as f32);
+        Self::float_from_data(TensorData::new(out, dims), &device)
+    }
+
     /// `x · dequant(w)ᵀ` for `x: [n, in]` and an NF4 weight of Hugging Face shape
     /// `[out, in]`; returns `[n, out]`.
     fn nf4_linear(x: FloatTensor<Self>, w: &Arc<Nf4Tensor>) -> FloatTensor<Self> {
@@ -93,6 +125,27 @@ where
     B: AutodiffBackend + KilnBackend,
     B::InnerBackend: KilnBackend,
 {
+}
+
+/// A 3-D float primitive's values and dims, on the host.
+fn host_float<B: Backend>(p: FloatTensor<B>) -> (Vec<f32>, [usize; 3]) {
+    let t = float::<B, 3>(p);
+    let dims = t.dims();
+    let values = t
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .expect("converted to f32");
+    (values, dims)
+}
+
+/// An int primitive's values, on the host.
+fn host_int<B: Backend>(p: IntTensor<B>) -> Vec<i64> {
+    Tensor::<B, 3, burn::tensor::Int>::from_primitive(p)
+        .into_data()
+        .convert::<i64>()
+        .into_vec::<i64>()
+        .expect("converted to i64")
 }
 
 /// A float primitive as a tensor.
@@ -200,7 +253,85 @@ impl<B: Backend> Backward<B, 1> for Nf4LinearBackward {
     }
 }
 
+/// The backward of [`KilnBackend::kiln_gather_attention`], recomputing the probabilities.
+#[derive(Debug)]
+struct GatherAttentionBackward;
+
+/// What the gather-attention backward keeps: q, k, v, the indices, the bias and the scale.
+type GatherState<B> = (
+    FloatTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+    IntTensor<B>,
+    FloatTensor<B>,
+    f64,
+);
+
+impl<B: Backend> Backward<B, 3> for GatherAttentionBackward {
+    type State = GatherState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_q, node_k, node_v] = ops.parents;
+        let d_out = grads.consume::<B>(&ops.node);
+        let (q, k, v, idx, bias, scale) = ops.state;
+        let device = B::float_device(&q);
+        let (q, dims) = host_float::<B>(q);
+        let (k, kdims) = host_float::<B>(k);
+        let (v, _) = host_float::<B>(v);
+        let (bias, _) = host_float::<B>(bias);
+        let (d_out, _) = host_float::<B>(d_out);
+        let idx = host_int::<B>(idx);
+        let d = GatherDims {
+            rows: dims[0],
+            queries: dims[1],
+            keys: kdims[1],
+            width: dims[2],
+            reads: idx.len() / (dims[0] * dims[1]).max(1),
+        };
+        let (dq, dk, dv) = gather::backward(&q, &k, &v, &idx, &bias, &d_out, d, scale as f32);
+        for (node, grad, shape) in [(node_q, dq, dims), (node_k, dk, kdims), (node_v, dv, kdims)] {
+            if let Some(node) = node {
+                grads.register::<B>(
+                    node.id,
+                    B::float_from_data(TensorData::new(grad, shape), &device),
+                );
+            }
+        }
+    }
+}
+
 impl<B: KilnBackend, C: CheckpointStrategy> KilnBackend for Autodiff<B, C> {
+    fn kiln_gather_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        idx: IntTensor<Self>,
+        bias: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        // The indices and the bias are constants (the selection is not differentiated).
+        let bias = bias.primitive;
+        let output = B::kiln_gather_attention(
+            q.primitive.clone(),
+            k.primitive.clone(),
+            v.primitive.clone(),
+            idx.clone(),
+            bias.clone(),
+            scale,
+        );
+        match GatherAttentionBackward
+            .prepare::<C>([q.node, k.node, v.node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(
+                (q.primitive, k.primitive, v.primitive, idx, bias, scale),
+                output,
+            ),
+            OpsKind::UnTracked(prep) => prep.finish(output),
+        }
+    }
+
     fn kiln_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -284,6 +415,87 @@ mod tests {
                 &x2.grad(&g2).expect("input gradient").into_data(),
                 burn::tensor::Tolerance::default(),
             );
+    }
+
+    #[test]
+    fn gather_attention_and_its_backward_match_gathering_with_tensor_ops() {
+        let device = Default::default();
+        let (rows, tq, tk, e, reads) = (3, 5, 7, 4, 6);
+        let data = |seed: f32, n: usize, shape: [usize; 3]| {
+            TensorData::new(
+                (0..n)
+                    .map(|i| ((i as f32) * seed).sin())
+                    .collect::<Vec<_>>(),
+                shape,
+            )
+        };
+        let idx: Vec<i64> = (0..rows * tq * reads)
+            .map(|i| ((i * 5 + i / 7) % tk) as i64)
+            .collect();
+        let bias: Vec<f32> = (0..rows * tq * reads)
+            .map(|i| if i % 9 == 4 { -1e9 } else { 0.0 })
+            .collect();
+        let bias = Tensor::<B, 3>::from_data(TensorData::new(bias, [rows, tq, reads]), &device);
+        let idx_t = Tensor::<B, 3, burn::tensor::Int>::from_data(
+            TensorData::new(idx.clone(), [rows, tq, reads]),
+            &device,
+        );
+        let upstream = Tensor::<B, 3>::from_data(data(0.41, rows * tq * e, [rows, tq, e]), &device);
+        let run = |kiln: bool| {
+            let q = Tensor::<B, 3>::from_data(data(0.13, rows * tq * e, [rows, tq, e]), &device)
+                .require_grad();
+            let k = Tensor::<B, 3>::from_data(data(0.29, rows * tk * e, [rows, tk, e]), &device)
+                .require_grad();
+            let v = Tensor::<B, 3>::from_data(data(0.37, rows * tk * e, [rows, tk, e]), &device)
+                .require_grad();
+            let out = if kiln {
+                float::<B, 3>(B::kiln_gather_attention(
+                    q.clone().into_primitive().tensor(),
+                    k.clone().into_primitive().tensor(),
+                    v.clone().into_primitive().tensor(),
+                    idx_t.clone().into_primitive(),
+                    bias.clone().into_primitive().tensor(),
+                    0.5,
+                ))
+            } else {
+                // Gather rows of [rows * keys, e] with offsets, then attend per query.
+                let offsets: Vec<i64> = idx
+                    .iter()
+                    .enumerate()
+                    .map(|(i, x)| x + (i / (tq * reads) * tk) as i64)
+                    .collect();
+                let flat = Tensor::<B, 1, burn::tensor::Int>::from_data(
+                    TensorData::new(offsets, [rows * tq * reads]),
+                    &device,
+                );
+                let kg = k
+                    .clone()
+                    .reshape([rows * tk, e])
+                    .select(0, flat.clone())
+                    .reshape([rows * tq, reads, e]);
+                let vg = v.clone().reshape([rows * tk, e]).select(0, flat).reshape([
+                    rows * tq,
+                    reads,
+                    e,
+                ]);
+                let s = q
+                    .clone()
+                    .reshape([rows * tq, 1, e])
+                    .matmul(kg.swap_dims(1, 2))
+                    .mul_scalar(0.5)
+                    + bias.clone().reshape([rows * tq, 1, reads]);
+                softmax(s, 2).matmul(vg).reshape([rows, tq, e])
+            };
+            let grads = (out.clone() * upstream.clone()).sum().backward();
+            let g = |x: &Tensor<B, 3>| x.grad(&grads).expect("gradient").into_data();
+            (out.into_data(), g(&q), g(&k), g(&v))
+        };
+        let (kiln, reference) = (run(true), run(false));
+        let tol = burn::tensor::Tolerance::<f32>::absolute(1e-5);
+        kiln.0.assert_approx_eq::<f32>(&reference.0, tol);
+        kiln.1.assert_approx_eq::<f32>(&reference.1, tol);
+        kiln.2.assert_approx_eq::<f32>(&reference.2, tol);
+        kiln.3.assert_approx_eq::<f32>(&reference.3, tol);
     }
 
     #[test]

@@ -138,21 +138,33 @@ pub fn generate<B: KilnBackend>(
                 m.forward_cached(ids, &mut cache)
             })
         }
+        // MoA and ConvGPT have no decoding cache (their convolution, router and memory
+        // states would each need one): every step runs the whole sequence again and keeps
+        // the new tokens' logits, which causality makes equal to a cached decode's.
         Model::Moa(m) => {
-            // MoA has no key/value cache (its convolution and router states would need one
-            // each): every step runs the whole sequence again and keeps the new tokens'
-            // logits, which causality makes equal to a cached decode's.
             let device = m.embed_tokens.weight.device();
-            let mut history: Vec<Tensor<B, 2, Int>> = Vec::new();
-            decode(prompt, opts, &device, |ids| {
-                let new = ids.dims()[1];
-                history.push(ids);
-                let all = Tensor::cat(history.clone(), 1);
-                let t = all.dims()[1];
-                m.forward(all).0.narrow(1, t - new, new)
-            })
+            decode(prompt, opts, &device, recompute(|ids| m.forward(ids).0))
+        }
+        Model::Convgpt(m) => {
+            let device = m.embed_tokens.weight.device();
+            decode(prompt, opts, &device, recompute(|ids| m.forward(ids)))
         }
     })
+}
+
+/// A decoding step for a family without a cache: keeps every token seen and runs `forward`
+/// over all of them, returning the new tokens' logits.
+fn recompute<B: KilnBackend>(
+    forward: impl Fn(Tensor<B, 2, Int>) -> Tensor<B, 3>,
+) -> impl FnMut(Tensor<B, 2, Int>) -> Tensor<B, 3> {
+    let mut history: Vec<Tensor<B, 2, Int>> = Vec::new();
+    move |ids| {
+        let new = ids.dims()[1];
+        history.push(ids);
+        let all = Tensor::cat(history.clone(), 1);
+        let t = all.dims()[1];
+        forward(all).narrow(1, t - new, new)
+    }
 }
 
 /// The decoding loop, whatever the family: `step` runs new tokens `[1, seq]` against the

@@ -9,12 +9,15 @@
 //! and reports every missing, unused or mis-shaped name.
 
 pub mod backend;
+pub mod convgpt;
+pub mod gather;
 pub mod generate;
 pub mod hf;
 pub mod init;
 pub mod lora;
 pub mod moa;
 pub mod nf4;
+pub mod ops;
 pub mod qwen2;
 
 use std::collections::BTreeMap;
@@ -26,6 +29,7 @@ use burn::prelude::*;
 use kiln_recipe::{AdapterKind, AdapterSection, InitKind, ModelFamily, Recipe};
 
 pub use backend::{KilnAutodiffBackend, KilnBackend};
+pub use convgpt::{ConvgptConfig, ConvgptModel};
 pub use generate::{GenerateError, GenerateOptions, Generation, generate};
 pub use init::Init;
 pub use moa::{MoaConfig, MoaModel};
@@ -123,6 +127,8 @@ pub enum LayerContext<B: KilnBackend> {
     Qwen2(qwen2::LayerContext<B>),
     /// MoA's causal bias and rotary tables.
     Moa(moa::MoaContext<B>),
+    /// ConvGPT's grid taps and rotary tables.
+    Convgpt(convgpt::ConvgptContext<B>),
 }
 
 /// NEFTune (Jain et al. 2023): uniform noise of magnitude `alpha / sqrt(L * d)` on the input
@@ -170,6 +176,8 @@ pub enum Model<B: KilnBackend> {
     Qwen2(Qwen2ForCausalLM<B>),
     /// A DiscoverLM mixture-of-attentions model.
     Moa(MoaModel<B>),
+    /// A ConvGPT-v2 model.
+    Convgpt(ConvgptModel<B>),
 }
 
 impl<B: KilnBackend> Model<B> {
@@ -192,6 +200,7 @@ impl<B: KilnBackend> Model<B> {
         let init = Init::new(recipe.run.seed);
         match ModelSpec::from_recipe(recipe)? {
             ModelSpec::Moa(cfg) => Ok(Self::Moa(cfg.init(&init, device))),
+            ModelSpec::Convgpt(cfg) => Ok(Self::Convgpt(cfg.init(&init, device))),
             ModelSpec::Qwen2(cfg) => {
                 let section = recipe
                     .model
@@ -258,6 +267,7 @@ impl<B: KilnBackend> Model<B> {
         let model = match ModelSpec::from_recipe(recipe)? {
             ModelSpec::Qwen2(cfg) => Self::Qwen2(cfg.init(&init, device)),
             ModelSpec::Moa(cfg) => Self::Moa(cfg.init(&init, device)),
+            ModelSpec::Convgpt(cfg) => Self::Convgpt(cfg.init(&init, device)),
         };
         load_named(model, tensors, device)
     }
@@ -346,7 +356,7 @@ impl<B: KilnBackend> Model<B> {
                 Self::Qwen2(m)
             }
             // Validation only allows adapters on qwen2; nothing to attach here.
-            Self::Moa(m) => Self::Moa(m),
+            other => other,
         };
         model.map(&mut Freeze::default())
     }
@@ -371,6 +381,10 @@ impl<B: KilnBackend> Model<B> {
             Self::Moa(mut m) => {
                 m.neftune_alpha = alpha;
                 Self::Moa(m)
+            }
+            Self::Convgpt(mut m) => {
+                m.neftune_alpha = alpha;
+                Self::Convgpt(m)
             }
         }
     }
@@ -574,8 +588,8 @@ impl<B: KilnBackend> Model<B> {
                 files.push(path);
                 Ok(files)
             }
-            Self::Moa(_) => Err(ModelError::Load(
-                "MoA models have no Hugging Face format: a checkpoint's model.safetensors is the model"
+            Self::Moa(_) | Self::Convgpt(_) => Err(ModelError::Load(
+                "only qwen2 models have a Hugging Face format: a checkpoint's model.safetensors is the model"
                     .to_string(),
             )),
         }
@@ -603,7 +617,7 @@ impl<B: KilnBackend> Model<B> {
                 })
                 .filter(|p| p.lora_A.is_some())
                 .collect(),
-            Self::Moa(_) => Vec::new(),
+            Self::Moa(_) | Self::Convgpt(_) => Vec::new(),
         };
         (!projs.is_empty()).then(|| BaseFootprint {
             weights: projs
@@ -620,6 +634,7 @@ impl<B: KilnBackend> Model<B> {
         match self {
             Self::Qwen2(m) => m.num_layers(),
             Self::Moa(m) => m.blocks.len(),
+            Self::Convgpt(m) => m.layers.len(),
         }
     }
 
@@ -628,6 +643,7 @@ impl<B: KilnBackend> Model<B> {
         match self {
             Self::Qwen2(m) => LayerContext::Qwen2(m.layer_context(input_ids, None)),
             Self::Moa(m) => LayerContext::Moa(m.layer_context(input_ids)),
+            Self::Convgpt(m) => LayerContext::Convgpt(m.layer_context(input_ids)),
         }
     }
 
@@ -639,6 +655,7 @@ impl<B: KilnBackend> Model<B> {
         match self {
             Self::Qwen2(m) => m.embed(input_ids),
             Self::Moa(m) => m.embed(input_ids),
+            Self::Convgpt(m) => m.embed(input_ids),
         }
     }
 
@@ -657,6 +674,7 @@ impl<B: KilnBackend> Model<B> {
         match (self, ctx) {
             (Self::Qwen2(m), LayerContext::Qwen2(c)) => m.layer(i, x, c),
             (Self::Moa(m), LayerContext::Moa(c)) => m.layer(i, x, c, aux),
+            (Self::Convgpt(m), LayerContext::Convgpt(c)) => m.layer(i, x, c),
             _ => panic!("a layer context of another model family"),
         }
     }
@@ -664,7 +682,7 @@ impl<B: KilnBackend> Model<B> {
     /// The routers of the model and the parameters of their paths (none for qwen2).
     pub fn routers(&self) -> Vec<RouterPaths> {
         match self {
-            Self::Qwen2(_) => Vec::new(),
+            Self::Qwen2(_) | Self::Convgpt(_) => Vec::new(),
             Self::Moa(m) => (0..m.blocks.len())
                 .flat_map(|l| {
                     let paths = |part: &str, names: &[&str]| {
@@ -695,6 +713,7 @@ impl<B: KilnBackend> Model<B> {
         match self {
             Self::Qwen2(m) => m.logits(x),
             Self::Moa(m) => m.logits(x),
+            Self::Convgpt(m) => m.logits(x),
         }
     }
 
@@ -703,6 +722,7 @@ impl<B: KilnBackend> Model<B> {
         match self {
             Self::Qwen2(m) => m.embedding_trains(),
             Self::Moa(m) => m.embed_tokens.weight.is_require_grad(),
+            Self::Convgpt(m) => m.embed_tokens.weight.is_require_grad(),
         }
     }
 
@@ -740,6 +760,11 @@ impl<B: KilnBackend> Model<B> {
                     stats: aux.stats,
                 }
             }
+            Self::Convgpt(m) => ModelOutput {
+                logits: m.forward(input_ids),
+                aux_losses: Vec::new(),
+                stats: Vec::new(),
+            },
         }
     }
 
@@ -748,6 +773,7 @@ impl<B: KilnBackend> Model<B> {
         match self {
             Self::Qwen2(m) => m.config.vocab_size,
             Self::Moa(m) => m.config.vocab_size,
+            Self::Convgpt(m) => m.config.vocab_size,
         }
     }
 }
@@ -759,6 +785,8 @@ pub enum ModelSpec {
     Qwen2(Qwen2Config),
     /// A MoA configuration.
     Moa(MoaConfig),
+    /// A ConvGPT-v2 configuration.
+    Convgpt(ConvgptConfig),
 }
 
 impl ModelSpec {
@@ -781,7 +809,7 @@ impl ModelSpec {
                 ];
                 (0..c.num_hidden_layers).flat_map(|_| layer).collect()
             }
-            Self::Moa(_) => Vec::new(),
+            Self::Moa(_) | Self::Convgpt(_) => Vec::new(),
         }
     }
 
@@ -802,6 +830,13 @@ impl ModelSpec {
                     .as_ref()
                     .ok_or(ModelError::MissingConfig("moa"))?,
             ))),
+            ModelFamily::Convgpt => Ok(Self::Convgpt(ConvgptConfig::from_section(
+                recipe
+                    .model
+                    .convgpt
+                    .as_ref()
+                    .ok_or(ModelError::MissingConfig("convgpt"))?,
+            ))),
         }
     }
 
@@ -810,6 +845,7 @@ impl ModelSpec {
         match self {
             Self::Qwen2(c) => c.vocab_size,
             Self::Moa(c) => c.vocab_size,
+            Self::Convgpt(c) => c.vocab_size,
         }
     }
 
@@ -818,6 +854,7 @@ impl ModelSpec {
         match self {
             Self::Qwen2(c) => c.num_params(),
             Self::Moa(c) => c.num_params(),
+            Self::Convgpt(c) => c.num_params(),
         }
     }
 
@@ -827,6 +864,7 @@ impl ModelSpec {
         match self {
             Self::Qwen2(c) => c.activation_bytes_per_token(seq, checkpointed),
             Self::Moa(c) => c.activation_bytes_per_token(seq, checkpointed),
+            Self::Convgpt(c) => c.activation_bytes_per_token(seq, checkpointed),
         }
     }
 
@@ -835,6 +873,7 @@ impl ModelSpec {
         match self {
             Self::Qwen2(c) => c.matmul_params(),
             Self::Moa(c) => c.matmul_params(),
+            Self::Convgpt(c) => c.matmul_params(),
         }
     }
 
@@ -843,6 +882,7 @@ impl ModelSpec {
         match self {
             Self::Qwen2(c) => c.flops_per_token(seq),
             Self::Moa(c) => c.flops_per_token(seq),
+            Self::Convgpt(c) => c.flops_per_token(seq),
         }
     }
 }

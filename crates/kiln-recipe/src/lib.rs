@@ -250,6 +250,7 @@ impl Recipe {
                 None => "model.qwen2.vocab_size".to_string(),
             },
             ModelFamily::Moa => "model.moa.vocab_size".to_string(),
+            ModelFamily::Convgpt => "model.convgpt.vocab_size".to_string(),
         }
     }
 
@@ -263,6 +264,11 @@ impl Recipe {
                     .then(|| q.max_position_embeddings.unwrap_or(2048))
             }),
             ModelFamily::Moa => self.model.moa.as_ref().map(|m| m.max_position_embeddings),
+            ModelFamily::Convgpt => self
+                .model
+                .convgpt
+                .as_ref()
+                .map(|c| 4usize.saturating_pow(c.grid_order)),
         }
     }
 }

@@ -243,6 +243,98 @@ pub struct ModelSection {
     /// Settings of the `moa` family; required when `family = "moa"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moa: Option<MoaSection>,
+    /// Settings of the `convgpt` family; required when `family = "convgpt"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub convgpt: Option<ConvgptSection>,
+}
+
+/// `[model.convgpt]`: a ConvGPT-v2 language model (random init), free of dense
+/// self-attention.
+///
+/// Each layer fuses a causal depthwise 1D convolution along the sequence with a causal
+/// `conv2d_kernel x conv2d_kernel` convolution over the token grid (position `t` sits at
+/// cell `d2xy(grid_order, t)` of the Hilbert curve), through a per-token, per-channel gate,
+/// then a SwiGLU MLP; every `memory_every`-th layer adds chunk-token memory retrieval.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConvgptSection {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Number of layers.
+    pub num_layers: usize,
+    /// Width of the SwiGLU MLP.
+    pub intermediate_size: usize,
+    /// Heads of the chunk-memory attention.
+    pub num_heads: usize,
+    /// Kernel of the causal depthwise 1D convolution.
+    #[serde(default = "default_conv_kernel")]
+    pub conv_kernel: usize,
+    /// Side of the causal 2D convolution's window over the grid (odd).
+    #[serde(default = "default_conv2d_kernel")]
+    pub conv2d_kernel: usize,
+    /// The grid is `2^grid_order` cells on a side: `4^grid_order` positions (8: 256 x 256 =
+    /// 65,536), the longest sequence.
+    #[serde(default = "default_grid_order")]
+    pub grid_order: u32,
+    /// Every this many layers (the 2nd, 4th, ...) carry chunk-token memory (0: none).
+    #[serde(default = "default_memory_every")]
+    pub memory_every: usize,
+    /// Tokens per memory chunk.
+    #[serde(default = "default_memory_chunk")]
+    pub memory_chunk: usize,
+    /// Earlier chunks each token retrieves.
+    #[serde(default = "default_memory_top_k")]
+    pub memory_top_k: usize,
+    /// Which memory layers rotate their queries and keys: `alternate` (the 1st, 3rd, ...),
+    /// `all` or `none`; the others use no positions at all.
+    #[serde(default)]
+    pub rope: RopeLayers,
+    /// RoPE base frequency.
+    #[serde(default = "default_moa_rope_theta")]
+    pub rope_theta: f64,
+    /// Share the embedding with the output head.
+    #[serde(default = "default_true")]
+    pub tie_word_embeddings: bool,
+    /// RMSNorm epsilon.
+    #[serde(default = "default_moa_eps")]
+    pub rms_norm_eps: f64,
+    /// Standard deviation of the normal initialization.
+    #[serde(default = "default_moa_init")]
+    pub initializer_range: f64,
+}
+
+/// Which chunk-memory layers use rotary positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RopeLayers {
+    /// Every other memory layer, starting with the first.
+    #[default]
+    Alternate,
+    /// Every memory layer.
+    All,
+    /// None: positions come from the convolutions only.
+    None,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_conv2d_kernel() -> usize {
+    3
+}
+fn default_grid_order() -> u32 {
+    8
+}
+fn default_memory_every() -> usize {
+    2
+}
+fn default_memory_chunk() -> usize {
+    64
+}
+fn default_memory_top_k() -> usize {
+    4
 }
 
 /// `[model.moa]`: a DiscoverLM mixture-of-attentions language model (random init).
@@ -355,6 +447,8 @@ pub enum ModelFamily {
     Qwen2,
     /// DiscoverLM's mixture-of-attentions language model.
     Moa,
+    /// ConvGPT-v2: causal 1D + Hilbert-grid 2D convolutions with chunk-token memory.
+    Convgpt,
 }
 
 impl ModelFamily {
@@ -363,6 +457,7 @@ impl ModelFamily {
         match self {
             Self::Qwen2 => "qwen2",
             Self::Moa => "moa",
+            Self::Convgpt => "convgpt",
         }
     }
 }

@@ -179,14 +179,24 @@ impl Recipe {
     }
 
     fn validate_model(&self, e: &mut Errors<'_>) {
-        if self.model.family != ModelFamily::Moa && self.model.moa.is_some() {
-            e.push(
-                "model.moa",
-                format!(
-                    "applies to `family = \"moa\"`, not `{}`",
-                    self.model.family.as_str()
-                ),
-            );
+        for (family, key, present) in [
+            (ModelFamily::Moa, "model.moa", self.model.moa.is_some()),
+            (
+                ModelFamily::Convgpt,
+                "model.convgpt",
+                self.model.convgpt.is_some(),
+            ),
+        ] {
+            if self.model.family != family && present {
+                e.push(
+                    key,
+                    format!(
+                        "applies to `family = \"{}\"`, not `{}`",
+                        family.as_str(),
+                        self.model.family.as_str()
+                    ),
+                );
+            }
         }
         if self.model.family != ModelFamily::Qwen2 {
             if self.model.qwen2.is_some() {
@@ -207,6 +217,7 @@ impl Recipe {
         }
         match self.model.family {
             ModelFamily::Moa => self.validate_moa(e),
+            ModelFamily::Convgpt => self.validate_convgpt(e),
             ModelFamily::Qwen2 => {
                 let Some(q) = &self.model.qwen2 else {
                     e.push(
@@ -287,6 +298,72 @@ impl Recipe {
                     );
                 }
             }
+        }
+    }
+
+    fn validate_convgpt(&self, e: &mut Errors<'_>) {
+        let Some(c) = &self.model.convgpt else {
+            e.push(
+                "model.convgpt",
+                "missing: `family = \"convgpt\"` needs a `[model.convgpt]` table",
+            );
+            return;
+        };
+        for (key, v) in [
+            ("vocab_size", c.vocab_size),
+            ("hidden_size", c.hidden_size),
+            ("num_layers", c.num_layers),
+            ("intermediate_size", c.intermediate_size),
+            ("num_heads", c.num_heads),
+            ("conv_kernel", c.conv_kernel),
+            ("memory_chunk", c.memory_chunk),
+            ("memory_top_k", c.memory_top_k),
+        ] {
+            e.check(v > 0, format!("model.convgpt.{key}"), "must be at least 1");
+        }
+        e.check(
+            c.conv2d_kernel % 2 == 1,
+            "model.convgpt.conv2d_kernel",
+            format!(
+                "{} must be odd (the window is centred on the token's cell)",
+                c.conv2d_kernel
+            ),
+        );
+        e.check(
+            (1..=15).contains(&c.grid_order),
+            "model.convgpt.grid_order",
+            format!(
+                "{} must be in 1..=15 (a 2^order x 2^order grid)",
+                c.grid_order
+            ),
+        );
+        if c.num_heads > 0 && c.hidden_size % c.num_heads != 0 {
+            e.push(
+                "model.convgpt.hidden_size",
+                format!(
+                    "{} is not divisible by num_heads {}",
+                    c.hidden_size, c.num_heads
+                ),
+            );
+        } else if c.num_heads > 0 && (c.hidden_size / c.num_heads) % 2 != 0 {
+            e.push(
+                "model.convgpt.hidden_size",
+                format!(
+                    "head dimension {} must be even for rotary embeddings",
+                    c.hidden_size / c.num_heads
+                ),
+            );
+        }
+        for (key, v) in [
+            ("rope_theta", c.rope_theta),
+            ("rms_norm_eps", c.rms_norm_eps),
+            ("initializer_range", c.initializer_range),
+        ] {
+            e.check(
+                v.is_finite() && v > 0.0,
+                format!("model.convgpt.{key}"),
+                format!("{v} must be positive"),
+            );
         }
     }
 
