@@ -25,3 +25,9 @@ clippy:
 # Tokens/s of the smoke recipe on each CPU backend, side by side.
 compare-backends:
     bash scripts/compare-backends.sh
+
+# kiln and PyTorch side by side on one recipe's configuration (`kiln bench`, then
+# scripts/bench_torch.py in .venv with torch and transformers); prints the ratio.
+bench-compare recipe steps="10":
+    cargo run -p kiln-cli -- bench {{recipe}} --steps {{steps}} --json "$CARGO_TARGET_DIR/kiln-bench.json" > /dev/null
+    .venv/bin/python scripts/bench_torch.py --like "$CARGO_TARGET_DIR/kiln-bench.json" --json "$CARGO_TARGET_DIR/torch-bench.json" > /dev/null

@@ -1,6 +1,7 @@
 //! `kiln`: train language models from declarative TOML recipes.
 
 mod backend;
+mod bench;
 mod data;
 mod generate;
 mod inspect;
@@ -204,6 +205,32 @@ enum Command {
     Data {
         #[command(subcommand)]
         action: DataCommand,
+    },
+    /// Time real optimizer steps of a recipe's model: tokens/s, step time, FLOPs per token,
+    /// GFLOP/s, MFU against the machine's peak and peak memory. Prints a summary to stderr
+    /// and a JSON result to stdout (`scripts/bench_torch.py --like FILE` runs the same
+    /// configuration in PyTorch; `just bench-compare RECIPE` runs both).
+    Bench {
+        /// The recipe file (TOML).
+        recipe: PathBuf,
+        /// Override a recipe key, as for `train`.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Timed optimizer steps.
+        #[arg(long, value_name = "N", default_value_t = 10)]
+        steps: u64,
+        /// Untimed steps first (allocation, caches).
+        #[arg(long, value_name = "N", default_value_t = 2)]
+        warmup: u64,
+        /// The phase whose batch and window are measured.
+        #[arg(long, value_name = "I", default_value_t = 0)]
+        phase: usize,
+        /// The machine's peak GFLOP/s for MFU (default: from /proc/cpuinfo).
+        #[arg(long, value_name = "GFLOPS")]
+        peak_gflops: Option<f64>,
+        /// Also write the JSON result to this file.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
     },
     /// Show the resolved recipe, parameter count, tokens per step, data and memory estimate.
     Inspect {
@@ -514,6 +541,30 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let loaded = kiln_recipe::load(&recipe, &set)?;
             data::inspect(&loaded.recipe, samples)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            recipe,
+            set,
+            steps,
+            warmup,
+            phase,
+            peak_gflops,
+            json,
+        } => {
+            let mut loaded = kiln_recipe::load(&recipe, &set)?;
+            print_warnings(&loaded);
+            resolve_epochs(&mut loaded)?;
+            bench::bench(
+                &loaded,
+                &bench::BenchOptions {
+                    steps,
+                    warmup,
+                    phase,
+                    peak_gflops,
+                    json,
+                },
+            )?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Inspect {

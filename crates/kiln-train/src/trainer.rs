@@ -672,7 +672,7 @@ fn checkpointed_backward<B: KilnAutodiffBackend>(
 }
 
 /// The process's peak resident set size (`VmHWM`), where the OS reports it (Linux).
-fn peak_resident_bytes() -> Option<u64> {
+pub fn peak_resident_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
