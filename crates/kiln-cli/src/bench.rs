@@ -325,10 +325,9 @@ pub fn bench(loaded: &LoadedRecipe, opts: &BenchOptions) -> Result<()> {
             .peak_rss_bytes
             .map_or("n/a".to_string(), |b| format!("{:.0} MB", b as f64 / 1e6)),
     );
-    if recipe.model.family != ModelFamily::Qwen2 {
+    if recipe.model.family == ModelFamily::Moa {
         eprintln!(
-            "note: {} computes every routed path and memory read it schedules; the FLOPs above count that work",
-            recipe.model.family.as_str()
+            "note: moa computes all four paths and three experts for every token (the router zeroes the unselected ones); the FLOPs above count that work"
         );
     }
     let json = serde_json::to_string_pretty(&result).expect("result serializes");
