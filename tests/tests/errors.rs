@@ -266,3 +266,19 @@ fn resume_of_something_that_is_not_a_run() {
     let err = fails(&["resume", dir.path().to_str().unwrap()]);
     assert!(err.contains("is not a run directory"), "{err}");
 }
+
+#[test]
+fn a_reader_that_stops_early_gets_no_panic() {
+    use std::process::Stdio;
+    // `kiln inspect RECIPE | head -0`: the pipe is closed before kiln writes.
+    let mut child = kiln(&["inspect", "recipes/smoke/qwen2-tiny.toml"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(out.status.success(), "{err}");
+}

@@ -246,6 +246,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    quiet_broken_pipe();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
@@ -743,4 +744,23 @@ fn print_warnings(loaded: &kiln_recipe::LoadedRecipe) {
     for w in &loaded.warnings {
         eprintln!("warning: {w}");
     }
+}
+
+/// A reader that stops early (`kiln inspect RECIPE | head`) closes stdout under us, and
+/// Rust's `println!` panics on the broken pipe. That is not an error of kiln's: exit quietly
+/// instead, as other command-line tools do.
+fn quiet_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.contains("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default(info);
+    }));
 }
