@@ -92,20 +92,9 @@ pub trait KilnBackend: Backend {
         scale: f64,
     ) -> FloatTensor<Self> {
         let device = Self::float_device(&q);
-        let (q, dims) = host_float::<Self>(q);
-        let (k, kdims) = host_float::<Self>(k);
-        let (v, _) = host_float::<Self>(v);
-        let (bias, _) = host_float::<Self>(bias);
-        let idx = host_int::<Self>(idx);
-        let d = GatherDims {
-            rows: dims[0],
-            queries: dims[1],
-            keys: kdims[1],
-            width: dims[2],
-            reads: idx.len() / (dims[0] * dims[1]).max(1),
-        };
-        let out = gather::forward(&q, &k, &v, &idx, &bias, d, scale as f32);
-        Self::float_from_data(TensorData::new(out, dims), &device)
+        let h = HostGather::read::<Self>(q, k, v, idx, bias);
+        let out = gather::forward(&h.q, &h.k, &h.v, &h.idx, &h.bias, h.dims, scale as f32);
+        Self::float_from_data(TensorData::new(out, h.q_shape), &device)
     }
 
     /// `x · dequant(w)ᵀ` for `x: [n, in]` and an NF4 weight of Hugging Face shape
@@ -253,6 +242,51 @@ impl<B: Backend> Backward<B, 1> for Nf4LinearBackward {
     }
 }
 
+/// The inputs of a gather attention, read back to the host.
+struct HostGather {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    idx: Vec<i64>,
+    bias: Vec<f32>,
+    q_shape: [usize; 3],
+    k_shape: [usize; 3],
+    dims: GatherDims,
+}
+
+impl HostGather {
+    fn read<B: Backend>(
+        q: FloatTensor<B>,
+        k: FloatTensor<B>,
+        v: FloatTensor<B>,
+        idx: IntTensor<B>,
+        bias: FloatTensor<B>,
+    ) -> Self {
+        let (q, q_shape) = host_float::<B>(q);
+        let (k, k_shape) = host_float::<B>(k);
+        let (v, _) = host_float::<B>(v);
+        let (bias, _) = host_float::<B>(bias);
+        let idx = host_int::<B>(idx);
+        let dims = GatherDims {
+            rows: q_shape[0],
+            queries: q_shape[1],
+            keys: k_shape[1],
+            width: q_shape[2],
+            reads: idx.len() / (q_shape[0] * q_shape[1]).max(1),
+        };
+        Self {
+            q,
+            k,
+            v,
+            idx,
+            bias,
+            q_shape,
+            k_shape,
+            dims,
+        }
+    }
+}
+
 /// The backward of [`KilnBackend::kiln_gather_attention`], recomputing the probabilities.
 #[derive(Debug)]
 struct GatherAttentionBackward;
@@ -275,21 +309,20 @@ impl<B: Backend> Backward<B, 3> for GatherAttentionBackward {
         let d_out = grads.consume::<B>(&ops.node);
         let (q, k, v, idx, bias, scale) = ops.state;
         let device = B::float_device(&q);
-        let (q, dims) = host_float::<B>(q);
-        let (k, kdims) = host_float::<B>(k);
-        let (v, _) = host_float::<B>(v);
-        let (bias, _) = host_float::<B>(bias);
         let (d_out, _) = host_float::<B>(d_out);
-        let idx = host_int::<B>(idx);
-        let d = GatherDims {
-            rows: dims[0],
-            queries: dims[1],
-            keys: kdims[1],
-            width: dims[2],
-            reads: idx.len() / (dims[0] * dims[1]).max(1),
-        };
-        let (dq, dk, dv) = gather::backward(&q, &k, &v, &idx, &bias, &d_out, d, scale as f32);
-        for (node, grad, shape) in [(node_q, dq, dims), (node_k, dk, kdims), (node_v, dv, kdims)] {
+        let h = HostGather::read::<B>(q, k, v, idx, bias);
+        let (dq, dk, dv) = gather::backward(
+            &h.q,
+            &h.k,
+            &h.v,
+            &h.idx,
+            &h.bias,
+            &d_out,
+            h.dims,
+            scale as f32,
+        );
+        let (qs, ks) = (h.q_shape, h.k_shape);
+        for (node, grad, shape) in [(node_q, dq, qs), (node_k, dk, ks), (node_v, dv, ks)] {
             if let Some(node) = node {
                 grads.register::<B>(
                     node.id,

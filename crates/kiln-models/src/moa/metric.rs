@@ -99,7 +99,7 @@ pub struct MetricTables<B: Backend> {
     pub basis: Tensor<B, 2>,
 }
 
-impl<B: Backend> MetricTables<B> {
+impl<B: KilnBackend> MetricTables<B> {
     /// The tables for positions `0..seq`.
     pub fn new(
         seq: usize,
@@ -123,14 +123,8 @@ impl<B: Backend> MetricTables<B> {
             basis.extend((1..=fourier).map(|f| (w * f as f64).sin() as f32));
             basis.extend((1..=fourier).map(|f| (w * f as f64).cos() as f32));
         }
-        let mut causal = vec![0.0f32; seq * seq];
-        for r in 0..seq {
-            for c in r + 1..seq {
-                causal[r * seq + c] = f32::NEG_INFINITY;
-            }
-        }
         Self {
-            bias: Tensor::from_data(TensorData::new(causal, [1, 1, seq, seq]), device),
+            bias: crate::qwen2::causal_bias::<B>(0, seq, 1, device).reshape([1, 1, seq, seq]),
             base_angles: Tensor::from_data(TensorData::new(base, [seq, half]), device),
             basis: Tensor::from_data(TensorData::new(basis, [seq, 2 * fourier]), device),
         }

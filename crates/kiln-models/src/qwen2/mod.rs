@@ -551,7 +551,7 @@ impl<B: KilnBackend> Rope<B> {
 /// # Shapes
 /// - returns `[groups * seq, past + seq]`: row `r` is query position `past + r % seq`, which
 ///   sees keys `0..=past + r % seq`
-fn causal_bias<B: KilnBackend>(
+pub(crate) fn causal_bias<B: KilnBackend>(
     past: usize,
     seq: usize,
     groups: usize,
