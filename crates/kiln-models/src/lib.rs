@@ -18,6 +18,7 @@ pub mod lora;
 pub mod moa;
 pub mod nf4;
 pub mod ops;
+pub mod parallel;
 pub mod qwen2;
 
 use std::collections::BTreeMap;

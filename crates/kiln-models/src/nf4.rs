@@ -17,6 +17,11 @@
 //! Memory: 0.5 bytes per weight for the codes, plus 1 byte per 64 weights for the absmax
 //! codes and 4 bytes per 16,384 weights for their scales: about 4.127 bits per weight.
 
+use std::any::Any;
+use std::sync::{Arc, Mutex};
+
+use crate::parallel::{concat_parallel, in_parallel};
+
 /// The 16 NF4 levels (bitsandbytes `get_4bit_type("nf4")`), sorted.
 pub const NF4_LEVELS: [f32; 16] = [
     -1.0,
@@ -215,17 +220,73 @@ pub struct Nf4Tensor {
     pub absmax_scales: Vec<f32>,
     /// Mean of the absmax values.
     pub offset: f32,
+    /// A copy on an accelerator, made on first use there.
+    resident: Resident,
+}
+
+/// A type-erased copy of an [`Nf4Tensor`] kept by a backend on its device, so that the codes
+/// cross to the device once rather than at every use. Cloning the tensor does not clone the
+/// copy, and it takes no part in equality.
+#[derive(Default)]
+pub struct Resident(Mutex<Option<Arc<dyn Any + Send + Sync>>>);
+
+impl Resident {
+    /// The copy of type `T`, made by `make` if there is none (or one of another type).
+    pub fn get_or_insert<T: Any + Send + Sync>(&self, make: impl FnOnce() -> T) -> Arc<T> {
+        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(found) = slot.as_ref().and_then(|a| a.clone().downcast::<T>().ok()) {
+            return found;
+        }
+        let made = Arc::new(make());
+        *slot = Some(made.clone());
+        made
+    }
+}
+
+impl Clone for Resident {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl PartialEq for Resident {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for Resident {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let held = self.0.lock().map(|s| s.is_some()).unwrap_or(false);
+        write!(
+            f,
+            "Resident({})",
+            if held { "on device" } else { "host only" }
+        )
+    }
 }
 
 impl Nf4Tensor {
     /// Quantizes a row-major tensor.
     pub fn quantize(values: &[f32], shape: &[usize]) -> Self {
-        let (codes, absmax) = quantize_blockwise(values, &NF4_LEVELS, BLOCK);
-        let mut packed = Vec::with_capacity(codes.len().div_ceil(2));
-        for pair in codes.chunks(2) {
-            // An odd count pads with the level of 0.0, as bitsandbytes pads with zero.
-            let low = pair.get(1).copied().unwrap_or(7);
-            packed.push((pair[0] << 4) | low);
+        // Blocks are independent: cut the weights into whole blocks, one run of them per
+        // core (a 7B model is 6.5 billion weights). Every piece but the last holds an even
+        // number of codes, so the pieces pack into bytes on their own.
+        let pieces = in_parallel(values.len(), BLOCK, |range| {
+            let (codes, absmax) = quantize_blockwise(&values[range], &NF4_LEVELS, BLOCK);
+            let mut packed = Vec::with_capacity(codes.len().div_ceil(2));
+            for pair in codes.chunks(2) {
+                // An odd count pads with the level of 0.0, as bitsandbytes pads with zero.
+                let low = pair.get(1).copied().unwrap_or(7);
+                packed.push((pair[0] << 4) | low);
+            }
+            (packed, absmax)
+        });
+        let mut packed = Vec::with_capacity(values.len().div_ceil(2));
+        let mut absmax = Vec::with_capacity(values.len().div_ceil(BLOCK));
+        for (p, a) in pieces {
+            packed.extend_from_slice(&p);
+            absmax.extend_from_slice(&a);
         }
         // torch's `mean` of f32; summed in f64 here, which agrees to the last bit on every
         // fixture (a difference would show as a wrong absmax code in the golden test).
@@ -240,6 +301,7 @@ impl Nf4Tensor {
             absmax_codes,
             absmax_scales,
             offset,
+            resident: Resident::default(),
         }
     }
 
@@ -267,16 +329,34 @@ impl Nf4Tensor {
     pub fn dequantize(&self) -> Vec<f32> {
         let absmax = self.absmax();
         let n = self.len();
-        let mut out = Vec::with_capacity(n);
-        for (i, byte) in self.packed.iter().enumerate() {
-            for (k, code) in [byte >> 4, byte & 0x0f].into_iter().enumerate() {
-                let j = 2 * i + k;
-                if j < n {
-                    out.push(NF4_LEVELS[code as usize] * absmax[j / BLOCK]);
-                }
-            }
-        }
-        out
+        concat_parallel(n, BLOCK, |range| {
+            range
+                .map(|j| {
+                    let byte = self.packed[j / 2];
+                    let code = if j % 2 == 0 { byte >> 4 } else { byte & 0x0f };
+                    NF4_LEVELS[code as usize] * absmax[j / BLOCK]
+                })
+                .collect()
+        })
+    }
+
+    /// The weights' codes as 32-bit words, eight 4-bit codes per word (the first code in
+    /// the highest nibble), zero-padded to a whole number of [`BLOCK`]s: the layout
+    /// [`crate::backend::nf4_weight_on_device`] uploads.
+    pub fn code_words(&self) -> Vec<i32> {
+        let padded = self.len().div_ceil(BLOCK) * BLOCK;
+        let mut bytes = self.packed.clone();
+        bytes.resize(padded / 2, 0x77);
+        bytes
+            .chunks_exact(4)
+            .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
+    }
+
+    /// The per-backend copy of this tensor kept on a device (see
+    /// [`crate::backend::nf4_weight_on_device`]).
+    pub fn resident(&self) -> &Resident {
+        &self.resident
     }
 
     /// Bytes held: codes, absmax codes, their scales and the offset.
@@ -297,6 +377,34 @@ mod tests {
         assert!(map[0] < -0.99 && map[0] > -1.0, "{}", map[0]);
         assert!(map.windows(2).all(|w| w[0] <= w[1]), "sorted");
         assert_eq!(map[255], 1.0);
+    }
+
+    #[test]
+    fn quantizing_and_dequantizing_on_all_cores_equals_one_pass() {
+        // Over the one-million threshold, with a partial last block.
+        let n = (1 << 20) + 1000 + 37;
+        let values: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.377).sin() * 0.3).collect();
+        let q = Nf4Tensor::quantize(&values, &[n]);
+        let (codes, absmax) = quantize_blockwise(&values, &NF4_LEVELS, BLOCK);
+        let serial: Vec<u8> = codes
+            .chunks(2)
+            .map(|p| (p[0] << 4) | p.get(1).copied().unwrap_or(7))
+            .collect();
+        assert_eq!(q.packed, serial);
+        assert_eq!(q.absmax_codes.len(), absmax.len());
+        let table = q.absmax();
+        let one_pass: Vec<f32> = codes
+            .iter()
+            .enumerate()
+            .map(|(i, c)| NF4_LEVELS[*c as usize] * table[i / BLOCK])
+            .collect();
+        assert_eq!(q.dequantize(), one_pass);
+        // Eight codes per word, first code highest; the padding is the level of 0.0.
+        let words = q.code_words();
+        assert_eq!(words.len(), n.div_ceil(BLOCK) * BLOCK / 8);
+        assert_eq!((words[0] >> 28) & 15, i32::from(codes[0]));
+        assert_eq!(words[0] & 15, i32::from(codes[7]));
+        assert_eq!(words[words.len() - 1] & 15, 7);
     }
 
     #[test]

@@ -35,12 +35,23 @@ impl SplitMix64 {
         z ^ (z >> 31)
     }
 
+    /// The generator after `draws` calls of [`Self::next_u64`], without making them (the
+    /// state is a counter), so that a long stream can be drawn in parallel pieces.
+    pub fn advanced(&self, draws: u64) -> Self {
+        Self {
+            state: self
+                .state
+                .wrapping_add(draws.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+        }
+    }
+
     /// A uniform float in `[0, 1)`.
     pub fn next_f64(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }
 
     /// A standard normal sample (Box-Muller; one of the pair is discarded for simplicity).
+    /// Always two draws of [`Self::next_u64`].
     pub fn next_normal(&mut self) -> f64 {
         let u1 = 1.0 - self.next_f64();
         let u2 = self.next_f64();
@@ -60,5 +71,15 @@ mod tests {
         assert_eq!(a.next_u64(), b.next_u64());
         let x = a.next_f64();
         assert!((0.0..1.0).contains(&x));
+    }
+
+    #[test]
+    fn advancing_skips_exactly_that_many_draws() {
+        let mut a = SplitMix64::new(99);
+        let b = a.advanced(10);
+        for _ in 0..5 {
+            a.next_normal();
+        }
+        assert_eq!(a, b);
     }
 }
