@@ -8,9 +8,15 @@ optimizer, steps) and trains the PyTorch counterpart on the CPU for the same ste
   hidden size, layers and heads (4:1 grouped-query) and its MLP widened to the same
   parameter count, since neither family exists in PyTorch.
 
-AdamW with the recipe's settings (bitsandbytes' 8-bit AdamW is CUDA-only, so `adamw8bit`
-runs as torch AdamW here and says so). Prints the same JSON keys as `kiln bench`, then the
-kiln / PyTorch ratio.
+AdamW with the recipe's settings (bitsandbytes' 8-bit AdamW is CUDA-only, so on the CPU
+`adamw8bit` runs as torch AdamW and says so). Prints the same JSON keys as `kiln bench`,
+then the kiln / PyTorch ratio.
+
+When kiln ran on CUDA, so does this (`--device` overrides), and a recipe's adapter is
+copied the way a PyTorch user trains it: `qlora` as transformers + peft + bitsandbytes
+(NF4 double-quantized Linear4bit base with bf16 compute, `prepare_model_for_kbit_training`,
+LoRA on the recipe's targets, bitsandbytes' AdamW8bit, bf16 autocast), `lora` as peft on
+an fp32 base; activation checkpointing and NEFTune follow the recipe.
 
     .venv/bin/pip install torch transformers
     kiln bench recipes/bench/qwen2-tiny-bench.toml --json /tmp/kiln.json
@@ -69,17 +75,59 @@ def config_for(kiln):
     return c, f"dense transformers Qwen2 baseline of the same size (intermediate {c['intermediate_size']})"
 
 
+def qlora_base(model, targets):
+    """Replaces the targeted linears of every decoder layer by bitsandbytes' NF4
+    double-quantized Linear4bit (bf16 compute), quantizing the random weights on the GPU."""
+    import bitsandbytes as bnb
+
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, lin in list(parent.named_children()):
+                if name not in targets or not isinstance(lin, torch.nn.Linear):
+                    continue
+                q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                      compute_dtype=torch.bfloat16, compress_statistics=True,
+                                      quant_type="nf4", device="meta")
+                q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, compress_statistics=True,
+                                             quant_type="nf4").to("cuda")
+                if lin.bias is not None:
+                    q.bias = torch.nn.Parameter(lin.bias.data, requires_grad=False)
+                setattr(parent, name, q)
+                del lin
+    torch.cuda.empty_cache()
+
+
+def neftune(model, alpha):
+    """NEFTune as transformers' Trainer adds it: uniform noise of magnitude
+    alpha / sqrt(seq * hidden) on the input embeddings, in training only."""
+    def hook(module, _inputs, out):
+        if module.training:
+            mag = alpha / (out.size(1) * out.size(2)) ** 0.5
+            out = out + torch.zeros_like(out).uniform_(-mag, mag)
+        return out
+    model.get_input_embeddings().register_forward_hook(hook)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--like", required=True, help="kiln bench's JSON result")
     ap.add_argument("--json", help="also write the result here")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--device", choices=["cpu", "cuda"], help="default: where kiln ran")
     args = ap.parse_args()
     kiln = json.load(open(args.like))
+    device = args.device or ("cuda" if kiln["backend"] == "cuda" else "cpu")
+    cuda = device == "cuda"
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     cfg, what = config_for(kiln)
-    model = Qwen2ForCausalLM(Qwen2Config(
+    adapter = kiln.get("adapter")
+    train = kiln.get("train", {})
+    qlora = adapter is not None and adapter["kind"] == "qlora"
+    if qlora and not cuda:
+        sys.exit("bench_torch.py: a qlora recipe needs --device cuda (bitsandbytes' NF4 training is CUDA-only)")
+    notes = []
+    config = Qwen2Config(
         vocab_size=cfg["vocab_size"],
         hidden_size=cfg["hidden_size"],
         intermediate_size=cfg["intermediate_size"],
@@ -91,27 +139,64 @@ def main():
         rms_norm_eps=cfg["rms_norm_eps"],
         tie_word_embeddings=cfg["tie_word_embeddings"],
         attn_implementation="sdpa",
-        torch_dtype=torch.float32,
-    ))
+    )
+    # A QLoRA base is built in bf16 directly on the GPU (7.6B parameters), then quantized.
+    torch.set_default_dtype(torch.bfloat16 if qlora else torch.float32)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(config)
+    torch.set_default_dtype(torch.float32)
+    checkpointing = bool(train.get("activation_checkpointing"))
+    if adapter is not None:
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if qlora:
+            qlora_base(model, adapter["targets"])
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+            what = "transformers Qwen2 + bitsandbytes NF4 (double quant, bf16 compute) + peft LoRA"
+        else:
+            what = "transformers Qwen2 (fp32) + peft LoRA"
+        model = get_peft_model(model, LoraConfig(
+            r=adapter["rank"], lora_alpha=adapter["alpha"], lora_dropout=adapter["dropout"],
+            target_modules=adapter["targets"], use_rslora=adapter.get("rslora", False), task_type="CAUSAL_LM"))
+    if checkpointing and not qlora:
+        model.gradient_checkpointing_enable()
+    if train.get("neftune_alpha"):
+        neftune(model, train["neftune_alpha"])
     model.train()
     o = kiln["optim"]
-    notes = []
-    if o["kind"] != "adamw":
-        notes.append(f"optimizer {o['kind']} runs as torch AdamW (bitsandbytes' 8-bit optimizers need CUDA)")
-    opt = torch.optim.AdamW(model.parameters(), lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
-                            weight_decay=o["weight_decay"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if o["kind"] == "adamw8bit" and cuda:
+        import bitsandbytes as bnb
+
+        opt = bnb.optim.AdamW8bit(trainable, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
+                                  weight_decay=o["weight_decay"])
+    else:
+        if o["kind"] != "adamw":
+            notes.append(f"optimizer {o['kind']} runs as torch AdamW (bitsandbytes' 8-bit optimizers need CUDA)")
+        opt = torch.optim.AdamW(trainable, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
+                                weight_decay=o["weight_decay"])
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=qlora)
+    if qlora:
+        notes.append("bf16 autocast (kiln computes in f32)")
+    clip = train.get("clip_norm", 1.0)
     b, t, accum = kiln["batch"], kiln["seq"], kiln["grad_accum"]
     gen = torch.Generator().manual_seed(0)
     times = []
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     for step in range(kiln["warmup"] + kiln["steps"]):
         start = time.perf_counter()
         for _ in range(accum):
-            ids = torch.randint(0, cfg["vocab_size"], (b, t), generator=gen)
-            out = model(input_ids=ids, labels=ids)
+            ids = torch.randint(0, cfg["vocab_size"], (b, t), generator=gen).to(device)
+            with autocast:
+                out = model(input_ids=ids, labels=ids)
             (out.loss / accum).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if clip:
+            torch.nn.utils.clip_grad_norm_(trainable, clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
         dt = time.perf_counter() - start
         if step >= kiln["warmup"]:
             times.append(dt)
@@ -133,6 +218,9 @@ def main():
         "gflops": gflops,
         "mfu": gflops / kiln["peak"]["gflops"],
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "device": torch.cuda.get_device_name() if cuda else None,
+        "peak_device_bytes": torch.cuda.max_memory_reserved() if cuda else None,
+        "peak_device_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None,
         "threads": args.threads,
         "notes": notes,
         "step_times_s": times,
@@ -141,10 +229,15 @@ def main():
     if args.json:
         open(args.json, "w").write(text)
     print(text)
+    def memory(r):
+        if r.get("peak_device_bytes"):
+            return f"peak device memory {r['peak_device_bytes'] / 2**30:.1f} GiB"
+        return f"peak RSS {r['peak_rss_bytes'] / 1e6:.0f} MB"
+
     print(
         f"{kiln['family']}: kiln {kiln['tokens_per_s']:.0f} tokens/s ({kiln['gflops']:.1f} GFLOP/s, MFU {100 * kiln['mfu']:.1f}%, "
-        f"peak RSS {kiln['peak_rss_bytes'] / 1e6:.0f} MB) | PyTorch {tokens_per_s:.0f} tokens/s ({gflops:.1f} GFLOP/s, "
-        f"MFU {100 * result['mfu']:.1f}%, peak RSS {result['peak_rss_bytes'] / 1e6:.0f} MB, {what}) | "
+        f"{memory(kiln)}) | PyTorch {tokens_per_s:.0f} tokens/s ({gflops:.1f} GFLOP/s, "
+        f"MFU {100 * result['mfu']:.1f}%, {memory(result)}, {what}) | "
         f"kiln / PyTorch: {kiln['tokens_per_s'] / tokens_per_s:.2f}x tokens/s, {kiln['gflops'] / gflops:.2f}x GFLOP/s",
         file=sys.stderr,
     )

@@ -49,6 +49,12 @@ fn bench_times_optimizer_steps_and_writes_a_json_result() {
     assert_eq!(r["peak"]["basis"], "given (--peak-gflops)");
     assert!(r["params"].as_u64().unwrap() > 0);
     assert!(r["model"]["hidden_size"].as_u64() == Some(64));
+    // What a PyTorch counterpart copies besides the model: no adapter, the train settings.
+    assert!(r["adapter"].is_null(), "{r}");
+    assert_eq!(r["train"]["activation_checkpointing"], false);
+    assert!(r["train"]["neftune_alpha"].is_number(), "{r}");
+    // CPU backends report host memory only.
+    assert!(r["peak_device_bytes"].is_null() && r["peak_rss_bytes"].as_u64() > Some(0));
     let log = stderr(&out);
     assert!(log.contains("tokens/s") && log.contains("MFU"), "{log}");
     // Nothing is left in the recipe's run directory.

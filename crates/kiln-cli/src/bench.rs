@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use kiln_models::ModelSpec;
-use kiln_recipe::{LoadedRecipe, ModelFamily, Recipe};
+use kiln_recipe::{BackendKind, LoadedRecipe, ModelFamily, Recipe};
 use kiln_train::{Control, Event, Observer, RunDir, StepMetrics};
 
 use crate::backend::{Job, dispatch};
@@ -73,6 +73,75 @@ fn cpu_peak() -> Peak {
     }
 }
 
+/// An NVIDIA GPU's name, from `nvidia-smi`.
+fn gpu_name(index: usize) -> Option<String> {
+    let out = std::process::Command::new("nvidia-smi")
+        .args(["--query-gpu=name", "--format=csv,noheader", "-i"])
+        .arg(index.to_string())
+        .output()
+        .ok()?;
+    let name = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (out.status.success() && !name.is_empty()).then_some(name)
+}
+
+/// A GPU's peak f32 throughput on its CUDA cores (kiln computes in f32), from the vendor's
+/// datasheet for the GPUs kiln has been run on; other GPUs need `--peak-gflops`.
+fn gpu_peak(index: usize) -> Result<Peak> {
+    let name = gpu_name(index).unwrap_or_else(|| "unknown GPU".to_string());
+    let table = [
+        ("H200", 66_900.0),
+        ("H100 PCIe", 51_200.0),
+        ("H100", 66_900.0),
+        ("A100", 19_500.0),
+        ("L40S", 91_600.0),
+        ("A10", 31_200.0),
+        ("RTX 4090", 82_600.0),
+    ];
+    match table.iter().find(|(key, _)| name.contains(key)) {
+        Some((_, gflops)) => Ok(Peak {
+            gflops: *gflops,
+            basis: format!("{name}: datasheet f32 peak without tensor cores"),
+        }),
+        None => bail!("no peak throughput known for `{name}`: give it with --peak-gflops"),
+    }
+}
+
+/// Bytes of device memory this process holds on an NVIDIA GPU, from `nvidia-smi`. Burn's
+/// CubeCL allocator keeps what it reserved, so this is the high-water mark of the run.
+fn gpu_memory_used(index: usize) -> Option<u64> {
+    let smi = |args: &[&str]| {
+        std::process::Command::new("nvidia-smi")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+    };
+    let pid = std::process::id().to_string();
+    let mib = smi(&[
+        "--query-compute-apps=pid,used_memory",
+        "--format=csv,noheader,nounits",
+    ])
+    .and_then(|text| {
+        text.lines().find_map(|l| {
+            let (p, m) = l.split_once(',')?;
+            (p.trim() == pid).then(|| m.trim().parse::<u64>().ok())?
+        })
+    })
+    // Where processes are not listed (a container without the host's PID namespace), the
+    // device's whole use.
+    .or_else(|| {
+        smi(&[
+            "--query-gpu=memory.used",
+            "--format=csv,noheader,nounits",
+            "-i",
+            &index.to_string(),
+        ])
+        .and_then(|t| t.trim().parse::<u64>().ok())
+    })?;
+    Some(mib << 20)
+}
+
 /// What `kiln bench` measured, and the configuration, as JSON.
 #[derive(Debug, Serialize)]
 pub struct BenchResult {
@@ -96,6 +165,10 @@ pub struct BenchResult {
     pub grad_accum: usize,
     /// Optimizer settings.
     pub optim: serde_json::Value,
+    /// The recipe's adapter (LoRA / QLoRA), if any.
+    pub adapter: Option<serde_json::Value>,
+    /// Training settings a counterpart must copy: activation checkpointing, NEFTune, clipping.
+    pub train: serde_json::Value,
     /// Timed steps.
     pub steps: u64,
     /// Untimed steps before them.
@@ -112,8 +185,12 @@ pub struct BenchResult {
     pub peak: Peak,
     /// `gflops / peak`.
     pub mfu: f64,
-    /// Peak resident memory of the process, bytes (CPU backends).
+    /// Peak resident memory of the process, bytes (host memory on every backend).
     pub peak_rss_bytes: Option<u64>,
+    /// The GPU (CUDA backend).
+    pub device: Option<String>,
+    /// Peak device memory held by the process, bytes (CUDA backend; read after every step).
+    pub peak_device_bytes: Option<u64>,
     /// Every timed step's seconds.
     pub step_times_s: Vec<f64>,
 }
@@ -177,9 +254,11 @@ fn bench_recipe(recipe: &Recipe, opts: &BenchOptions, out_dir: &str) -> Result<R
     Ok(r)
 }
 
-/// Records the step metrics of a run.
+/// Records the step metrics of a run, and the device memory after each step.
 struct Recorder {
     steps: Vec<StepMetrics>,
+    gpu: Option<usize>,
+    peak_device_bytes: Option<u64>,
 }
 
 impl Observer for Recorder {
@@ -191,6 +270,9 @@ impl Observer for Recorder {
                     m.step, m.step_time_s, m.tokens_per_s
                 );
                 self.steps.push(m.clone());
+                if let Some(used) = self.gpu.and_then(gpu_memory_used) {
+                    self.peak_device_bytes = Some(self.peak_device_bytes.unwrap_or(0).max(used));
+                }
             }
             Event::Warn(w) => eprintln!("warning: {w}"),
             _ => {}
@@ -201,14 +283,19 @@ impl Observer for Recorder {
 struct BenchJob<'a> {
     recipe: &'a Recipe,
     run: &'a RunDir,
+    gpu: Option<usize>,
 }
 
 impl Job for BenchJob<'_> {
-    type Output = Vec<StepMetrics>;
+    type Output = Recorder;
 
     fn run<B: kiln_models::KilnAutodiffBackend>(self, device: B::Device) -> Result<Self::Output> {
         let stop = std::sync::atomic::AtomicBool::new(false);
-        let mut rec = Recorder { steps: Vec::new() };
+        let mut rec = Recorder {
+            steps: Vec::new(),
+            gpu: self.gpu,
+            peak_device_bytes: None,
+        };
         kiln_train::train::<B>(
             &device,
             self.recipe,
@@ -220,7 +307,7 @@ impl Job for BenchJob<'_> {
                 stop_after_steps: None,
             },
         )?;
-        Ok(rec.steps)
+        Ok(rec)
     }
 }
 
@@ -242,6 +329,7 @@ pub fn bench(loaded: &LoadedRecipe, opts: &BenchOptions) -> Result<()> {
     let tmp = tempfile::tempdir().context("creating the benchmark's run directory")?;
     let out_dir = tmp.path().display().to_string();
     let recipe = bench_recipe(&loaded.recipe, opts, &out_dir)?;
+    crate::backend::check_training(&recipe)?;
     let spec = ModelSpec::from_recipe(&recipe)?;
     let run = RunDir::create(&recipe, true)?;
     let phase = &recipe.phases[0];
@@ -257,14 +345,24 @@ pub fn bench(loaded: &LoadedRecipe, opts: &BenchOptions) -> Result<()> {
         opts.warmup,
         opts.steps
     );
-    let steps = dispatch(
+    let gpu = (recipe.run.backend == BackendKind::Cuda).then(|| {
+        recipe
+            .run
+            .device
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or(0)
+    });
+    let rec = dispatch(
         &recipe,
         BenchJob {
             recipe: &recipe,
             run: &run,
+            gpu,
         },
     )?;
-    let timed: Vec<f64> = steps
+    let timed: Vec<f64> = rec
+        .steps
         .iter()
         .skip(opts.warmup as usize)
         .map(|m| m.step_time_s)
@@ -277,12 +375,13 @@ pub fn bench(loaded: &LoadedRecipe, opts: &BenchOptions) -> Result<()> {
     let tokens_per_s = tokens / step_time;
     let flops_per_token = spec.flops_per_token(phase.window);
     let gflops = tokens_per_s * flops_per_token / 1e9;
-    let peak = match opts.peak_gflops {
-        Some(g) => Peak {
+    let peak = match (opts.peak_gflops, gpu) {
+        (Some(g), _) => Peak {
             gflops: g,
             basis: "given (--peak-gflops)".to_string(),
         },
-        None => cpu_peak(),
+        (None, Some(index)) => gpu_peak(index)?,
+        (None, None) => cpu_peak(),
     };
     let o = &recipe.optim;
     let result = BenchResult {
@@ -299,6 +398,15 @@ pub fn bench(loaded: &LoadedRecipe, opts: &BenchOptions) -> Result<()> {
             "kind": match o.kind { kiln_recipe::OptimKind::Adamw => "adamw", kiln_recipe::OptimKind::Adamw8bit => "adamw8bit" },
             "lr": o.lr, "betas": o.betas, "eps": o.eps, "weight_decay": o.weight_decay,
         }),
+        adapter: recipe
+            .adapter
+            .as_ref()
+            .map(|a| serde_json::to_value(a).expect("the adapter section serializes")),
+        train: serde_json::json!({
+            "activation_checkpointing": recipe.train.activation_checkpointing,
+            "neftune_alpha": recipe.train.neftune_alpha,
+            "clip_norm": recipe.train.clip_norm,
+        }),
         steps: opts.steps,
         warmup: opts.warmup,
         step_time_s: step_time,
@@ -308,8 +416,17 @@ pub fn bench(loaded: &LoadedRecipe, opts: &BenchOptions) -> Result<()> {
         mfu: gflops / peak.gflops,
         peak,
         peak_rss_bytes: kiln_train::peak_resident_bytes(),
+        device: gpu.and_then(gpu_name),
+        peak_device_bytes: rec.peak_device_bytes,
         step_times_s: timed,
     };
+    if let Some(bytes) = result.peak_device_bytes {
+        eprintln!(
+            "peak device memory {:.2} GiB on {}",
+            bytes as f64 / f64::from(1u32 << 30),
+            result.device.as_deref().unwrap_or("the GPU")
+        );
+    }
     eprintln!(
         "kiln {} {}: {:.0} tokens/s | {:.3} s/step | {:.1} MFLOP/token | {:.1} GFLOP/s | MFU {:.1}% of {:.0} GFLOP/s ({}) | peak RSS {}",
         result.family,
