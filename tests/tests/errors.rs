@@ -260,6 +260,47 @@ fn cuda_without_cuda_support_is_a_clear_error() {
     );
 }
 
+/// QLoRA on CUDA trains wrongly (docs/performance.md): kiln refuses it before building a
+/// model, in `kiln train` and `kiln bench` alike, and says what works instead.
+#[test]
+fn qlora_training_on_cuda_is_refused_with_the_alternatives() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let err = fails(&[
+        "train",
+        "recipes/smoke/qwen2-qlora-tiny.toml",
+        "--out",
+        out,
+        "--set",
+        "run.backend=cuda",
+        "--set",
+        "run.device=cuda:0",
+    ]);
+    assert!(
+        err.contains("QLoRA training on CUDA computes wrong gradients")
+            && err.contains("--set adapter.kind=lora")
+            && err.contains("--set run.backend=flex"),
+        "{err}"
+    );
+    // The 7B benchmark recipe is refused the same way, before its 7.6B weights are drawn.
+    let err = fails(&["bench", "recipes/bench/qwen2.5-7b-qlora-bench.toml"]);
+    assert!(err.contains("QLoRA training on CUDA"), "{err}");
+    // LoRA on CUDA is not refused: this build has no CUDA, which is the error it gets.
+    let err = fails(&[
+        "train",
+        "recipes/smoke/qwen2-qlora-tiny.toml",
+        "--out",
+        out,
+        "--set",
+        "run.backend=cuda",
+        "--set",
+        "run.device=cuda:0",
+        "--set",
+        "adapter.kind=lora",
+    ]);
+    assert!(err.contains("built without CUDA support"), "{err}");
+}
+
 #[test]
 fn resume_of_something_that_is_not_a_run() {
     let dir = tempfile::tempdir().unwrap();

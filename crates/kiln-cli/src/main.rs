@@ -697,6 +697,7 @@ fn train(
     start: Option<Checkpoint>,
     stop_after: Option<u64>,
 ) -> Result<ExitCode> {
+    backend::check_training(&recipe)?;
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         // A second signal while the first is being handled exits at once.
