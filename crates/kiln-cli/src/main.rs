@@ -6,6 +6,7 @@ mod data;
 mod generate;
 mod inspect;
 mod progress;
+mod runs;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -81,6 +82,16 @@ enum DataCommand {
         #[arg(long, value_name = "N", default_value_t = 2)]
         samples: usize,
     },
+}
+
+/// Writes generated text to stdout; a reader that stops early (`kiln man | head`) is not
+/// an error.
+fn print_bytes(bytes: &[u8]) -> Result<ExitCode> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(bytes) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing to stdout"),
+        _ => Ok(ExitCode::SUCCESS),
+    }
 }
 
 /// Export formats.
@@ -232,6 +243,25 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
     },
+    /// List the runs under a directory: name, family, backend, status (running, finished,
+    /// interrupted, failed, crashed), steps, last loss, best eval loss, tokens, wall time
+    /// and newest checkpoint.
+    Runs {
+        /// Where the runs are (a run directory, an `out_dir`, or a folder of them).
+        #[arg(default_value = "runs")]
+        dir: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a shell completion script: `kiln completions bash > ~/.local/share/bash-completion/completions/kiln`,
+    /// `kiln completions zsh > "${fpath[1]}/_kiln"`, `kiln completions fish > ~/.config/fish/completions/kiln.fish`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print kiln's man page (roff): `kiln man | man -l -`.
+    Man,
     /// Show the resolved recipe, parameter count, tokens per step, data and memory estimate.
     Inspect {
         /// The recipe file (TOML).
@@ -543,6 +573,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let loaded = kiln_recipe::load(&recipe, &set)?;
             data::inspect(&loaded.recipe, samples)?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Runs { dir, json } => {
+            runs::runs(&dir, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "kiln", &mut script);
+            print_bytes(&script)
+        }
+        Command::Man => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+                .render(&mut page)
+                .context("rendering the man page")?;
+            print_bytes(&page)
         }
         Command::Bench {
             recipe,

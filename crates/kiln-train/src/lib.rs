@@ -24,7 +24,7 @@ use serde::Serialize;
 
 pub use checkpoint::{Checkpoint, TrainState};
 pub use metrics::read_metrics;
-pub use run::{RunDir, RunStatus};
+pub use run::{RunDir, RunStatus, StatusFile};
 pub use trainer::{Control, evaluate_checkpoint, peak_resident_bytes, train};
 
 /// Errors of the training loop.

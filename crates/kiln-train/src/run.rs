@@ -24,14 +24,20 @@ pub enum RunStatus {
     Failed,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-struct StatusFile {
-    status: RunStatus,
-    step: u64,
-    pid: u32,
-    updated_unix_s: u64,
+/// What `status.json` says about a run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusFile {
+    /// Where the run stands.
+    pub status: RunStatus,
+    /// The last optimizer step done.
+    pub step: u64,
+    /// The process that wrote it.
+    pub pid: u32,
+    /// When, in seconds since the Unix epoch.
+    pub updated_unix_s: u64,
+    /// Why it stopped, when that needs saying.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    message: Option<String>,
+    pub message: Option<String>,
 }
 
 /// A run directory.
@@ -109,6 +115,12 @@ impl RunDir {
             recipe.to_toml()
         );
         self.write_atomic(RESOLVED_RECIPE, text.as_bytes())
+    }
+
+    /// The run's `status.json`, if it has a readable one.
+    pub fn read_status(&self) -> Option<StatusFile> {
+        let text = fs::read_to_string(self.path.join("status.json")).ok()?;
+        serde_json::from_str(&text).ok()
     }
 
     /// Records the run's status.
