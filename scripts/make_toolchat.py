@@ -1,9 +1,14 @@
 #!/usr/bin/env python3
 """Writes data/toolchat/conversations.jsonl: tool-calling chat conversations written for
 kiln (CC0), in the chat JSONL format kiln reads (`messages`, optional `tools`), for the QLoRA
-smoke recipe. Deterministic: rerun to regenerate byte for byte.
+smoke recipe, and data/toolchat/test.jsonl, a held-out test set for `kiln eval
+--tool-calls`. Deterministic: rerun to regenerate both byte for byte.
 
     python3 scripts/make_toolchat.py
+
+Each test row ends with the assistant turn a model should produce: a tool call (the
+conversation cut after the user's request) or a text answer (cut after the tool's reply).
+No test row's prompt occurs in the training conversations.
 
 Every conversation offers one or two small tools. Most ask for something a tool does, and the
 assistant answers with a tool call, reads the tool's reply and answers in one sentence; some
@@ -14,6 +19,7 @@ import random
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent.parent / "data" / "toolchat" / "conversations.jsonl"
+TEST = OUT.with_name("test.jsonl")
 
 TOOLS = {
     "get_weather": {
@@ -135,6 +141,44 @@ def main():
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     print(f"wrote {len(rows)} conversations to {OUT}")
+    test = test_set(rows)
+    with TEST.open("w", encoding="utf-8") as f:
+        for row in test:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    print(f"wrote {len(test)} held-out test rows to {TEST}")
+
+
+def test_set(train_rows):
+    """Held-out rows: 24 that expect a tool call and 12 that expect a text answer after a
+    tool's reply, none of whose prompts (tools offered and messages before the expected
+    turn) occurs in training."""
+    def key(tools, messages):
+        return json.dumps([tools, messages], sort_keys=True)
+
+    seen = set()
+    for row in train_rows:
+        for cut in range(1, len(row["messages"])):
+            seen.add(key(row["tools"], row["messages"][:cut]))
+    rng = random.Random(20261123)
+    wanted = {"call": 24, "answer": 12}
+    out = []
+    while wanted["call"] or wanted["answer"]:
+        used, messages = rng.choice([weather, weather, convert, timer])(rng)
+        offered = list(used)
+        if rng.random() < 0.4:
+            offered.append(rng.choice([n for n in TOOLS if n not in offered]))
+        rng.shuffle(offered)
+        tools = [tool(n) for n in offered]
+        # The tool call follows the user's request; the answer follows the tool's reply.
+        kind = "call" if wanted["call"] and (not wanted["answer"] or rng.random() < 0.67) else "answer"
+        cut = 1 if kind == "call" else 3
+        prompt = messages[:cut]
+        if key(tools, prompt) in seen:
+            continue
+        seen.add(key(tools, prompt))
+        wanted[kind] -= 1
+        out.append({"tools": tools, "messages": messages[:cut + 1]})
+    return out
 
 
 if __name__ == "__main__":

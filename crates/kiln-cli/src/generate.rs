@@ -56,6 +56,17 @@ fn load_tokenizer(req: &Request, source: &Source) -> Result<Box<dyn Tokenizer>> 
     }
 }
 
+/// The tokens that end a reply: ChatML's end of turn, end of text, and the tokenizer's EOS.
+pub fn stop_ids(tokenizer: &dyn Tokenizer) -> Vec<u32> {
+    let mut ids: Vec<u32> = ["<|im_end|>", "<|endoftext|>"]
+        .iter()
+        .filter_map(|t| tokenizer.token_id(t))
+        .chain([tokenizer.eos_id()])
+        .collect();
+    ids.dedup();
+    ids
+}
+
 /// Runs `kiln generate`: prints the continuation (or, with tools, a JSON object with the
 /// parsed tool calls) on stdout and timings on stderr.
 pub fn run(req: Request) -> Result<()> {
@@ -111,12 +122,7 @@ pub fn run(req: Request) -> Result<()> {
     };
     let prompt = tokenizer.encode(&text);
     let mut options = req.options.clone();
-    options.stop_ids = ["<|im_end|>", "<|endoftext|>"]
-        .iter()
-        .filter_map(|t| tokenizer.token_id(t))
-        .chain([tokenizer.eos_id()])
-        .collect();
-    options.stop_ids.dedup();
+    options.stop_ids = stop_ids(tokenizer.as_ref());
 
     let (backend, device) = match &source {
         Source::Run { recipe, .. } => (

@@ -7,6 +7,7 @@ mod generate;
 mod inspect;
 mod progress;
 mod runs;
+mod tooleval;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -137,13 +138,27 @@ enum Command {
         #[arg(long, value_name = "N")]
         stop_after: Option<u64>,
     },
-    /// Evaluate a checkpoint on the recipe's held-out data (JSON on stdout).
+    /// Evaluate a checkpoint on the recipe's held-out data (JSON on stdout), or with
+    /// --tool-calls by what it generates for a chat test set.
     Eval {
         /// The run directory.
         run_dir: PathBuf,
         /// Which checkpoint: `step-N`, `N` or `latest`.
         #[arg(long, default_value = "latest", value_name = "step-N")]
         checkpoint: String,
+        /// Instead of the held-out loss: generate (greedy) a reply to each row of this chat
+        /// JSONL file, whose last message is the expected assistant turn, and score tool
+        /// calls (format, tool name, arguments) and text answers (exact, normalized). Prints
+        /// a table; writes every reply and score as JSON.
+        #[arg(long, value_name = "FILE.jsonl")]
+        tool_calls: Option<PathBuf>,
+        /// With --tool-calls: the most new tokens per reply.
+        #[arg(long, value_name = "N", default_value_t = 96, requires = "tool_calls")]
+        max_new_tokens: usize,
+        /// With --tool-calls: where to write the JSON result (default:
+        /// RUN_DIR/eval/tool-calls-step-N.json).
+        #[arg(long, value_name = "FILE", requires = "tool_calls")]
+        json: Option<PathBuf>,
     },
     /// Write a checkpoint as a Hugging Face model directory that `transformers` loads.
     Export {
@@ -371,6 +386,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Eval {
             run_dir,
             checkpoint,
+            tool_calls: Some(file),
+            max_new_tokens,
+            json,
+        } => {
+            tooleval::run(tooleval::ToolEvalRequest {
+                run_dir,
+                checkpoint,
+                file,
+                max_new_tokens,
+                json,
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Eval {
+            run_dir,
+            checkpoint,
+            tool_calls: None,
+            ..
         } => {
             let run = RunDir::open(&run_dir)?;
             let recipe = run.load_recipe(&[])?.recipe;

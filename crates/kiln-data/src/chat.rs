@@ -49,6 +49,15 @@ pub struct ToolCall {
     pub arguments: Option<Value>,
 }
 
+impl ToolCall {
+    /// The function name and its arguments object, from either form (JSON-encoded string
+    /// arguments decoded), as the chat template renders them; `None` for a call without a
+    /// name or with arguments that are not an object.
+    pub fn name_and_arguments(&self) -> Option<(String, Value)> {
+        call_parts(self, 0, 1).ok()
+    }
+}
+
 /// The called function.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct FunctionCall {
