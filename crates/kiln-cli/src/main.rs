@@ -5,6 +5,7 @@ mod bench;
 mod data;
 mod generate;
 mod inspect;
+mod plot;
 mod progress;
 mod runs;
 mod tooleval;
@@ -257,6 +258,18 @@ enum Command {
         /// Also write the JSON result to this file.
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
+    },
+    /// Plot runs against the step: loss (smoothed train, eval), learning rate, tokens/s,
+    /// router path usage and dream multipliers where present, phase boundaries marked;
+    /// several runs overlaid with a legend. Writes SVG.
+    Plot {
+        /// Run directories.
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// The SVG file to write (default: RUN_DIR/plot.svg for one run, kiln-plot.svg for
+        /// several).
+        #[arg(long, value_name = "FILE.svg")]
+        out: Option<PathBuf>,
     },
     /// List the runs under a directory: name, family, backend, status (running, finished,
     /// interrupted, failed, crashed), steps, last loss, best eval loss, tokens, wall time
@@ -605,6 +618,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let loaded = kiln_recipe::load(&recipe, &set)?;
             data::inspect(&loaded.recipe, samples)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plot { runs, out } => {
+            let out = out.unwrap_or_else(|| match runs.as_slice() {
+                [one] => one.join("plot.svg"),
+                _ => PathBuf::from("kiln-plot.svg"),
+            });
+            plot::plot(&runs, &out)?;
+            eprintln!("wrote {}", out.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Runs { dir, json } => {
