@@ -27,6 +27,16 @@ fn every_shipped_recipe_is_documented_and_valid() {
             "{} must open with a comment",
             path.display()
         );
+        // Editors find the schema through the first line.
+        let first = text.lines().next().unwrap();
+        let schema = first.strip_prefix("#:schema ").unwrap_or_else(|| {
+            panic!("{}: the first line must be `#:schema PATH`", path.display())
+        });
+        assert!(
+            path.parent().unwrap().join(schema).is_file(),
+            "{}: `#:schema {schema}` does not lead to the schema",
+            path.display()
+        );
         let header: String = text
             .lines()
             .take_while(|l| l.starts_with('#'))

@@ -7,6 +7,7 @@ mod generate;
 mod inspect;
 mod plot;
 mod progress;
+mod recipe_cmd;
 mod runs;
 mod tooleval;
 
@@ -48,6 +49,32 @@ const EXIT_PAUSED: u8 = 75;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Subcommand)]
+enum RecipeCommand {
+    /// Print (or write) the JSON Schema of recipe files, for editors: a TOML language server
+    /// (taplo, Even Better TOML) reads the `#:schema PATH` line at the top of a recipe and
+    /// completes and checks its keys. kiln's copy is schemas/recipe.schema.json.
+    Schema {
+        /// Write it to this file instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Write a commented starter recipe that validates and trains on the data shipped with
+    /// kiln: `qwen2` (pretraining), `qlora` (chat fine-tune with tool calls), `moa`
+    /// (DiscoverLM's mixture of attentions) or `convgpt` (ConvGPT-v2).
+    New {
+        /// The model family and method.
+        #[arg(long, value_parser = ["qwen2", "qlora", "moa", "convgpt"])]
+        family: String,
+        /// The recipe file to write; its name becomes `run.name`.
+        #[arg(long, value_name = "FILE.toml", default_value = "recipe.toml")]
+        out: PathBuf,
+        /// Replace the file if it exists.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -222,6 +249,11 @@ enum Command {
         /// Backend (default: the run's, or flex for a model directory).
         #[arg(long, value_parser = parse_backend)]
         backend: Option<kiln_recipe::BackendKind>,
+    },
+    /// Recipe tools: the JSON Schema for editors, and starter recipes.
+    Recipe {
+        #[command(subcommand)]
+        action: RecipeCommand,
     },
     /// Tokenizer tools.
     Tokenizer {
@@ -618,6 +650,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let loaded = kiln_recipe::load(&recipe, &set)?;
             data::inspect(&loaded.recipe, samples)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Recipe {
+            action: RecipeCommand::Schema { out },
+        } => {
+            recipe_cmd::schema(out.as_deref())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Recipe {
+            action: RecipeCommand::New { family, out, force },
+        } => {
+            recipe_cmd::new(&family, &out, force)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Plot { runs, out } => {

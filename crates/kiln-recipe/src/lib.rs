@@ -24,6 +24,22 @@ use sha2::{Digest, Sha256};
 pub use overrides::{apply_override, diff_keys};
 pub use schema::*;
 
+/// The JSON Schema (draft 7, which TOML language servers such as taplo read) of a recipe
+/// file, derived from the serde structs: keys, types, defaults, allowed values and, from
+/// the doc comments, descriptions. `schemas/recipe.schema.json` is this text; a test fails
+/// when the two differ.
+pub fn json_schema() -> String {
+    let generator = schemars::generate::SchemaSettings::draft07().into_generator();
+    let mut schema = generator.into_root_schema_for::<Recipe>();
+    schema.insert(
+        "title".to_string(),
+        serde_json::Value::String("kiln recipe".to_string()),
+    );
+    let mut text = serde_json::to_string_pretty(&schema).expect("the schema serializes");
+    text.push('\n');
+    text
+}
+
 /// Errors from reading, parsing or validating a recipe.
 #[derive(Debug, thiserror::Error)]
 pub enum RecipeError {

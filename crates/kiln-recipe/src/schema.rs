@@ -6,10 +6,11 @@
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// A whole training recipe, as written in a `.toml` file.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Recipe {
     /// Run identity, seed, output location, backend and limits.
@@ -57,7 +58,7 @@ pub struct Recipe {
 ///
 /// Multipliers stay within `[min_multiplier, max_multiplier]`, are checkpointed, and every
 /// cycle appends one row to the run's `dream.jsonl`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DreamSection {
     /// Optimizer steps between cycles.
@@ -121,7 +122,7 @@ fn default_max_multiplier() -> f64 {
 }
 
 /// `[adapter]`: LoRA (PEFT semantics) on a frozen base.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AdapterSection {
     /// `lora` (f32 frozen base) or `qlora` (NF4 double-quantized frozen base).
@@ -157,7 +158,7 @@ fn default_targets() -> Vec<String> {
 }
 
 /// Adapter kinds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum AdapterKind {
     /// LoRA on an f32 frozen base.
@@ -167,7 +168,7 @@ pub enum AdapterKind {
 }
 
 /// `[run]`: identity and placement of a run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RunSection {
     /// Name of the run; the run directory is `<out_dir>/<name>/`.
@@ -208,7 +209,7 @@ fn default_device() -> String {
 }
 
 /// The tensor backend a run executes on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
     /// burn-flex: the fastest CPU backend measured here (the default).
@@ -232,7 +233,7 @@ impl BackendKind {
 }
 
 /// `[model]`: which family, and that family's own table (`[model.qwen2]`, ...).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
     /// The model family.
@@ -255,7 +256,7 @@ pub struct ModelSection {
 /// `conv2d_kernel x conv2d_kernel` convolution over the token grid (position `t` sits at
 /// cell `d2xy(grid_order, t)` of the Hilbert curve), through a per-token, per-channel gate,
 /// then a SwiGLU MLP; every `memory_every`-th layer adds chunk-token memory retrieval.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConvgptSection {
     /// Vocabulary size.
@@ -306,7 +307,7 @@ pub struct ConvgptSection {
 }
 
 /// Which chunk-memory layers use rotary positions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum RopeLayers {
     /// Every other memory layer, starting with the first.
@@ -343,7 +344,7 @@ fn default_memory_top_k() -> usize {
 /// multi-head metric attention, gated channel mixing, multi-query metric attention), then
 /// through a HyperFFN that routes it to the top-2 of three experts (SwiGLU, causal
 /// depthwise-separable conv, gated low-rank bottleneck). The embedding is tied to the head.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MoaSection {
     /// Vocabulary size (rows of the tied embedding).
@@ -440,7 +441,7 @@ fn default_moa_init() -> f64 {
 }
 
 /// The model families kiln knows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ModelFamily {
     /// A Qwen2 / Qwen2.5 decoder (Hugging Face `Qwen2ForCausalLM`).
@@ -467,7 +468,7 @@ impl ModelFamily {
 /// Either `hf_dir` names a Hugging Face model directory (its `config.json` gives the
 /// architecture, and its safetensors the weights unless `init = "random"`), or the
 /// architecture keys below are written out (and the weights start random).
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Qwen2Section {
     /// A local Hugging Face model directory (`config.json` + `model.safetensors` or a
@@ -545,7 +546,7 @@ impl Qwen2Section {
 }
 
 /// How model weights are initialized.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum InitKind {
     /// Random init from `run.seed`.
@@ -555,7 +556,7 @@ pub enum InitKind {
 }
 
 /// `[tokenizer]`: how text becomes ids.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenizerSection {
     /// The tokenizer kind.
@@ -574,7 +575,7 @@ pub struct TokenizerSection {
 }
 
 /// The tokenizers kiln knows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum TokenizerKind {
     /// One token per byte plus a few special tokens: needs no file.
@@ -585,7 +586,7 @@ pub enum TokenizerKind {
 }
 
 /// `[data]`: the sources every phase draws from.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
     /// Fraction of each source's documents (taken from its end, at least one document)
@@ -606,7 +607,7 @@ fn default_eval_holdout() -> f64 {
 }
 
 /// `[[data.sources]]`: one corpus.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Source {
     /// Name that phases use in their `sources` table.
@@ -665,7 +666,7 @@ fn default_text_field() -> String {
 }
 
 /// Source file formats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum SourceFormat {
     /// UTF-8 plain text.
@@ -692,7 +693,7 @@ impl SourceFormat {
 }
 
 /// What a source does when its data runs out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Exhausted {
     /// Start the next epoch.
@@ -703,7 +704,7 @@ pub enum Exhausted {
 }
 
 /// What to do with a row that cannot be read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum BadRow {
     /// Stop with an error naming the file, row and column.
@@ -714,7 +715,7 @@ pub enum BadRow {
 }
 
 /// How a text file is split into documents.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TextSplit {
     /// The whole file is one document.
@@ -725,7 +726,7 @@ pub enum TextSplit {
 }
 
 /// `[[phases]]`: one stage of the curriculum.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Phase {
     /// Name shown in logs and metrics; defaults to `phase-<index>`.
@@ -767,7 +768,7 @@ fn default_lr_scale() -> f64 {
 }
 
 /// Windowing modes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Windowing {
     /// Each document is cut into consecutive windows: every token trained, order kept.
@@ -791,7 +792,7 @@ impl Windowing {
 }
 
 /// `[optim]`: AdamW.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OptimSection {
     /// The optimizer kind.
@@ -836,7 +837,7 @@ fn default_eps() -> f64 {
 }
 
 /// Optimizer kinds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum OptimKind {
     /// AdamW with f32 moments.
@@ -848,7 +849,7 @@ pub enum OptimKind {
 }
 
 /// `[schedule]`: learning rate against the optimizer step.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ScheduleSection {
     /// Shape after warmup.
@@ -873,7 +874,7 @@ impl Default for ScheduleSection {
 }
 
 /// Schedule shapes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ScheduleKind {
     /// Constant at `optim.lr` after warmup.
@@ -886,7 +887,7 @@ pub enum ScheduleKind {
 }
 
 /// `[train]`: loop settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TrainSection {
     /// Micro-batches accumulated per optimizer step.
