@@ -28,7 +28,11 @@ fn resolve<'a>(
             continue;
         }
         // A described reference: `allOf: [{$ref}]`.
-        if let Some([only]) = node.get("allOf").and_then(|a| a.as_array()).map(Vec::as_slice) {
+        if let Some([only]) = node
+            .get("allOf")
+            .and_then(|a| a.as_array())
+            .map(Vec::as_slice)
+        {
             node = only;
             continue;
         }
