@@ -17,7 +17,8 @@ fn human_bytes(b: f64) -> String {
     format!("{v:.1} {}", UNITS[u])
 }
 
-fn human_count(n: u64) -> String {
+/// `1.23M`, `4.5K`: counts the way the tables print them.
+pub(crate) fn human_count(n: u64) -> String {
     match n {
         n if n >= 1_000_000_000 => format!("{:.2}B", n as f64 / 1e9),
         n if n >= 1_000_000 => format!("{:.2}M", n as f64 / 1e6),

@@ -348,39 +348,28 @@ pub fn plot(dirs: &[PathBuf], out: &Path) -> Result<()> {
     }
     legend(&mut chart)?;
 
-    // Learning rate.
-    let y = padded(
-        runs.iter()
-            .flat_map(|r| r.lr.iter().map(|p| p.1))
-            .chain([0.0]),
-    );
-    let mut chart = panel(area(), "learning rate", "lr", &steps, y, &runs)?;
-    for (i, r) in runs.iter().enumerate() {
-        line(
-            &mut chart,
-            &r.lr,
-            colour(i).stroke_width(2),
-            Some(r.name.clone()),
-        )?;
+    // Learning rate and throughput: one line per run, from zero.
+    let panels: [(&str, &str, fn(&RunCurves) -> &Points); 2] = [
+        ("learning rate", "lr", |r| &r.lr),
+        ("throughput", "tokens/s", |r| &r.tokens_per_s),
+    ];
+    for (title, y_desc, pick) in panels {
+        let y = padded(
+            runs.iter()
+                .flat_map(|r| pick(r).iter().map(|p| p.1))
+                .chain([0.0]),
+        );
+        let mut chart = panel(area(), title, y_desc, &steps, y, &runs)?;
+        for (i, r) in runs.iter().enumerate() {
+            line(
+                &mut chart,
+                pick(r),
+                colour(i).stroke_width(2),
+                Some(r.name.clone()),
+            )?;
+        }
+        legend(&mut chart)?;
     }
-    legend(&mut chart)?;
-
-    // Throughput.
-    let y = padded(
-        runs.iter()
-            .flat_map(|r| r.tokens_per_s.iter().map(|p| p.1))
-            .chain([0.0]),
-    );
-    let mut chart = panel(area(), "throughput", "tokens/s", &steps, y, &runs)?;
-    for (i, r) in runs.iter().enumerate() {
-        line(
-            &mut chart,
-            &r.tokens_per_s,
-            colour(i).stroke_width(2),
-            Some(r.name.clone()),
-        )?;
-    }
-    legend(&mut chart)?;
 
     // Router usage of the first run that has routers.
     if let Some(k) = router_run {

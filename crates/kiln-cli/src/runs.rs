@@ -142,15 +142,6 @@ pub fn row(path: &Path) -> Result<RunRow> {
     })
 }
 
-fn human_tokens(n: u64) -> String {
-    match n {
-        n if n >= 1_000_000_000 => format!("{:.2}B", n as f64 / 1e9),
-        n if n >= 1_000_000 => format!("{:.2}M", n as f64 / 1e6),
-        n if n >= 10_000 => format!("{:.1}K", n as f64 / 1e3),
-        n => n.to_string(),
-    }
-}
-
 fn human_duration(s: f64) -> String {
     let s = s.round() as u64;
     match s {
@@ -201,7 +192,7 @@ pub fn runs(dir: &Path, json: bool) -> Result<()> {
                 r.steps.to_string(),
                 opt(r.last_loss.map(|l| format!("{l:.4}"))),
                 opt(r.best_eval.map(|l| format!("{l:.4}"))),
-                opt(r.tokens.map(human_tokens)),
+                opt(r.tokens.map(crate::inspect::human_count)),
                 opt(r.wall_s.map(human_duration)),
                 opt(r.checkpoint.clone()),
             ]
