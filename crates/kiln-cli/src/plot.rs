@@ -45,6 +45,8 @@ const MIXER_PATHS: [&str; 4] = [
 const FFN_PATHS: [&str; 3] = ["SwiGLU", "conv", "low-rank"];
 
 type Points = Vec<(f64, f64)>;
+/// Which curve of a run a panel shows.
+type Pick = fn(&RunCurves) -> &Points;
 
 /// What one run contributes to the plot.
 struct RunCurves {
@@ -349,7 +351,7 @@ pub fn plot(dirs: &[PathBuf], out: &Path) -> Result<()> {
     legend(&mut chart)?;
 
     // Learning rate and throughput: one line per run, from zero.
-    let panels: [(&str, &str, fn(&RunCurves) -> &Points); 2] = [
+    let panels: [(&str, &str, Pick); 2] = [
         ("learning rate", "lr", |r| &r.lr),
         ("throughput", "tokens/s", |r| &r.tokens_per_s),
     ];
