@@ -9,6 +9,8 @@
 //! `dv[idx_ij] += p_j dO_i`. Work and memory are proportional to the number of indices, never
 //! to `queries x keys`. Rows are independent and split across threads.
 
+use crate::parallel::for_rows;
+
 /// Sizes: `rows` batch-and-head pairs, `queries` and `keys` per row, `width` per head,
 /// `reads` indices per query.
 #[derive(Debug, Clone, Copy)]
@@ -23,26 +25,6 @@ pub struct GatherDims {
     pub width: usize,
     /// Keys read per query.
     pub reads: usize,
-}
-
-/// Runs `f(row, out_slice_of_that_row)` for every row, split across the available cores.
-fn for_rows<F>(out: &mut [f32], per_row: usize, f: F)
-where
-    F: Fn(usize, &mut [f32]) + Sync,
-{
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let rows = out.len() / per_row.max(1);
-    let per_thread = rows.div_ceil(threads).max(1);
-    std::thread::scope(|scope| {
-        for (chunk_i, chunk) in out.chunks_mut(per_thread * per_row).enumerate() {
-            let f = &f;
-            scope.spawn(move || {
-                for (j, row) in chunk.chunks_mut(per_row).enumerate() {
-                    f(chunk_i * per_thread + j, row);
-                }
-            });
-        }
-    });
 }
 
 /// The probabilities of query `i` of row `r` into `p` (length `reads`).

@@ -152,6 +152,27 @@ pub(crate) fn neftune<B: Backend>(x: Tensor<B, 3>, alpha: f64) -> Tensor<B, 3> {
     x + noise
 }
 
+/// Bytes (f32) per token kept for the backward pass, from per-token value counts: one
+/// layer's activations (`one_layer`), all layers' (`all_layers`) and every layer's input
+/// (`inputs`, what activation checkpointing keeps besides one layer), plus the logits with
+/// their gradient (3 × `vocab`) and `transient` values alive during one step of a layer
+/// (an attention block's scores). Shared by every family's `activation_bytes_per_token`.
+pub(crate) fn activation_bytes(
+    one_layer: u64,
+    all_layers: u64,
+    inputs: u64,
+    vocab: usize,
+    transient: u64,
+    checkpointed: bool,
+) -> u64 {
+    let kept = if checkpointed {
+        one_layer + inputs
+    } else {
+        all_layers
+    };
+    4 * (kept + 3 * vocab as u64 + transient)
+}
+
 /// The size of an adapter run's frozen base projections.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BaseFootprint {

@@ -40,3 +40,23 @@ pub fn concat_parallel<T: Send + Clone>(
     }
     pieces.concat()
 }
+
+/// Runs `f(row, out_slice_of_that_row)` for every row, split across the available cores.
+pub fn for_rows<F>(out: &mut [f32], per_row: usize, f: F)
+where
+    F: Fn(usize, &mut [f32]) + Sync,
+{
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let rows = out.len() / per_row.max(1);
+    let per_thread = rows.div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        for (chunk_i, chunk) in out.chunks_mut(per_thread * per_row).enumerate() {
+            let f = &f;
+            scope.spawn(move || {
+                for (j, row) in chunk.chunks_mut(per_row).enumerate() {
+                    f(chunk_i * per_thread + j, row);
+                }
+            });
+        }
+    });
+}

@@ -204,13 +204,16 @@ impl ConvgptConfig {
         let memory = 2 * keys as u64 * d + 8 * d;
         let layers = self.num_layers as u64;
         let m = self.memory_layers() as u64;
-        let kept = if checkpointed {
-            // One layer's activations (a memory layer's, if any) and every layer's input.
-            per_layer + if m > 0 { memory } else { 0 } + d * layers
-        } else {
-            per_layer * layers + memory * m
-        };
-        4 * (kept + 3 * self.vocab_size as u64)
+        // Checkpointed: one layer's activations (a memory layer's, if any) and every layer's
+        // input. No attention scores outlive a step (the memory reads are gathered).
+        crate::activation_bytes(
+            per_layer + if m > 0 { memory } else { 0 },
+            per_layer * layers + memory * m,
+            d * layers,
+            self.vocab_size,
+            0,
+            checkpointed,
+        )
     }
 
     /// Builds the model with random weights drawn from `init`.

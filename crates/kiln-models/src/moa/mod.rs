@@ -275,12 +275,14 @@ impl MoaConfig {
         let per_layer = 40 * d + 5 * i + 4 * r;
         let transient = 3 * heads * block;
         let layers = self.num_layers as u64;
-        let kept = if checkpointed {
-            per_layer + d * layers
-        } else {
-            per_layer * layers
-        };
-        4 * (kept + 3 * self.vocab_size as u64 + transient)
+        crate::activation_bytes(
+            per_layer,
+            per_layer * layers,
+            d * layers,
+            self.vocab_size,
+            transient,
+            checkpointed,
+        )
     }
 
     /// Builds the model with random weights drawn from `init`.

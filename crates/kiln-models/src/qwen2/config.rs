@@ -349,12 +349,14 @@ impl Qwen2Config {
         // per sequence: 3 · heads · block · seq values, i.e. 3 · heads · block per token.
         let transient = 3 * heads * block;
         let layers = self.num_hidden_layers as u64;
-        let kept = if checkpointed {
-            per_layer + h * layers
-        } else {
-            per_layer * layers
-        };
-        4 * (kept + 3 * self.vocab_size as u64 + transient)
+        crate::activation_bytes(
+            per_layer,
+            per_layer * layers,
+            h * layers,
+            self.vocab_size,
+            transient,
+            checkpointed,
+        )
     }
 
     /// Training FLOPs per token at sequence length `seq` (forward + backward):
