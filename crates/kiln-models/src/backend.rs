@@ -32,12 +32,14 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
+use burn::backend::flex::FlexTensor;
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{ElementConversion, Int, TensorData, TensorPrimitive, s};
 
+use crate::cpu;
 use crate::gather::{self, GatherDims};
 use crate::nf4::{self, NF4_LEVELS, Nf4Tensor};
 
@@ -58,23 +60,20 @@ pub trait KilnBackend: Backend {
         bias: Option<FloatTensor<Self>>,
         scale: f64,
     ) -> FloatTensor<Self> {
-        let (q, k, v) = (
-            float::<Self, 4>(q),
-            float::<Self, 4>(k),
-            float::<Self, 4>(v),
-        );
-        let bias = bias.map(float::<Self, 4>);
-        let t = q.dims()[2];
-        let kt = k.clone().swap_dims(2, 3);
-        let blocks: Vec<Tensor<Self, 4>> = (0..t)
-            .step_by(ATTENTION_BLOCK)
-            .map(|r0| {
-                let rows = r0..(r0 + ATTENTION_BLOCK).min(t);
-                let qb = q.clone().slice(s![.., .., rows.clone(), ..]);
-                probabilities(qb, kt.clone(), block_bias(&bias, rows), scale).matmul(v.clone())
-            })
-            .collect();
-        Tensor::cat(blocks, 2).into_primitive().tensor()
+        blocked_attention::<Self>(q, k, v, bias, scale)
+    }
+
+    /// The gradients `(dq, dk, dv)` of [`Self::kiln_attention`] given the gradient of its
+    /// output, recomputing the probabilities block by block (bias and scale are constants).
+    fn kiln_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        scale: f64,
+        d_out: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 3] {
+        blocked_attention_backward::<Self>(q, k, v, bias, scale, d_out)
     }
 
     /// Attention of every query over its own keys: for `q: [rows, queries, e]`,
@@ -251,41 +250,80 @@ type AttentionState<B> = (
     f64,
 );
 
-impl<B: Backend> Backward<B, 3> for AttentionBackward {
+impl<B: KilnBackend> Backward<B, 3> for AttentionBackward {
     type State = AttentionState<B>;
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_q, node_k, node_v] = ops.parents;
-        let d_out = float::<B, 4>(grads.consume::<B>(&ops.node));
+        let d_out = grads.consume::<B>(&ops.node);
         let (q, k, v, bias, scale) = ops.state;
-        let (q, k, v) = (float::<B, 4>(q), float::<B, 4>(k), float::<B, 4>(v));
-        let bias = bias.map(float::<B, 4>);
-        let t = q.dims()[2];
-        let kt = k.clone().swap_dims(2, 3);
-        let vt = v.clone().swap_dims(2, 3);
-        let mut dq_blocks = Vec::new();
-        let mut dk = k.zeros_like();
-        let mut dv = v.zeros_like();
-        for r0 in (0..t).step_by(ATTENTION_BLOCK) {
-            let rows = r0..(r0 + ATTENTION_BLOCK).min(t);
-            let qb = q.clone().slice(s![.., .., rows.clone(), ..]);
-            let dob = d_out.clone().slice(s![.., .., rows.clone(), ..]);
-            let p = probabilities(qb.clone(), kt.clone(), block_bias(&bias, rows), scale);
-            dv = dv + p.clone().swap_dims(2, 3).matmul(dob.clone());
-            let dp = dob.matmul(vt.clone());
-            // rowsum(dP ⊙ P) equals rowsum(dO ⊙ O) for O = P v.
-            let row = (dp.clone() * p.clone()).sum_dim(3);
-            let ds = p * (dp - row);
-            dq_blocks.push(ds.clone().matmul(k.clone()).mul_scalar(scale));
-            dk = dk + ds.swap_dims(2, 3).matmul(qb).mul_scalar(scale);
-        }
-        let dq = Tensor::cat(dq_blocks, 2);
+        let [dq, dk, dv] = B::kiln_attention_backward(q, k, v, bias, scale, d_out);
         for (node, grad) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
             if let Some(node) = node {
-                grads.register::<B>(node.id, grad.into_primitive().tensor());
+                grads.register::<B>(node.id, grad);
             }
         }
     }
+}
+
+/// [`KilnBackend::kiln_attention`] in tensor ops, [`ATTENTION_BLOCK`] queries at a time.
+fn blocked_attention<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    bias: Option<FloatTensor<B>>,
+    scale: f64,
+) -> FloatTensor<B> {
+    let (q, k, v) = (float::<B, 4>(q), float::<B, 4>(k), float::<B, 4>(v));
+    let bias = bias.map(float::<B, 4>);
+    let t = q.dims()[2];
+    let kt = k.clone().swap_dims(2, 3);
+    let blocks: Vec<Tensor<B, 4>> = (0..t)
+        .step_by(ATTENTION_BLOCK)
+        .map(|r0| {
+            let rows = r0..(r0 + ATTENTION_BLOCK).min(t);
+            let qb = q.clone().slice(s![.., .., rows.clone(), ..]);
+            probabilities(qb, kt.clone(), block_bias(&bias, rows), scale).matmul(v.clone())
+        })
+        .collect();
+    Tensor::cat(blocks, 2).into_primitive().tensor()
+}
+
+/// [`KilnBackend::kiln_attention_backward`] in tensor ops: `dV = Pᵀ dO`,
+/// `dS = P ⊙ (dP − rowsum(dP ⊙ P))` with `dP = dO vᵀ`, `dQ = dS k · scale`,
+/// `dK = dSᵀ q · scale`, recomputing `P` block by block.
+fn blocked_attention_backward<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    bias: Option<FloatTensor<B>>,
+    scale: f64,
+    d_out: FloatTensor<B>,
+) -> [FloatTensor<B>; 3] {
+    let d_out = float::<B, 4>(d_out);
+    let (q, k, v) = (float::<B, 4>(q), float::<B, 4>(k), float::<B, 4>(v));
+    let bias = bias.map(float::<B, 4>);
+    let t = q.dims()[2];
+    let kt = k.clone().swap_dims(2, 3);
+    let vt = v.clone().swap_dims(2, 3);
+    let mut dq_blocks = Vec::new();
+    let mut dk = k.zeros_like();
+    let mut dv = v.zeros_like();
+    for r0 in (0..t).step_by(ATTENTION_BLOCK) {
+        let rows = r0..(r0 + ATTENTION_BLOCK).min(t);
+        let qb = q.clone().slice(s![.., .., rows.clone(), ..]);
+        let dob = d_out.clone().slice(s![.., .., rows.clone(), ..]);
+        let p = probabilities(qb.clone(), kt.clone(), block_bias(&bias, rows), scale);
+        dv = dv + p.clone().swap_dims(2, 3).matmul(dob.clone());
+        let dp = dob.matmul(vt.clone());
+        // rowsum(dP ⊙ P) equals rowsum(dO ⊙ O) for O = P v.
+        let row = (dp.clone() * p.clone()).sum_dim(3);
+        let ds = p * (dp - row);
+        dq_blocks.push(ds.clone().matmul(k.clone()).mul_scalar(scale));
+        dk = dk + ds.swap_dims(2, 3).matmul(qb).mul_scalar(scale);
+    }
+    let dq = Tensor::cat(dq_blocks, 2);
+    [dq, dk, dv].map(|g| g.into_primitive().tensor())
 }
 
 /// The dequantized weight `[out, in]` on `device`.
@@ -294,7 +332,135 @@ fn dequantized<B: Backend>(w: &Nf4Tensor, device: &B::Device) -> FloatTensor<B> 
     B::float_from_data(TensorData::new(w.dequantize(), [out, inp]), device)
 }
 
-impl KilnBackend for burn::backend::Flex {}
+impl KilnBackend for burn::backend::Flex {
+    fn kiln_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        match FlexAttention::read(&q, &k, &v, bias.as_ref()) {
+            Some(a) => {
+                let out = cpu::attention(
+                    a.q.as_f32(),
+                    a.k.as_f32(),
+                    a.v.as_f32(),
+                    a.bias.as_ref().map(FlexTensor::as_f32),
+                    a.dims,
+                    scale as f32,
+                );
+                let d = a.dims;
+                flex_f32(out, [d.batch, d.heads, d.queries, d.dv])
+            }
+            None => blocked_attention::<Self>(q, k, v, bias, scale),
+        }
+    }
+
+    fn kiln_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        scale: f64,
+        d_out: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 3] {
+        let d_out_f32 = d_out.to_contiguous();
+        match FlexAttention::read(&q, &k, &v, bias.as_ref()) {
+            Some(a) if d_out_f32.as_slice::<f32>().is_some() => {
+                let (dq, dk, dv) = cpu::attention_backward(
+                    a.q.as_f32(),
+                    a.k.as_f32(),
+                    a.v.as_f32(),
+                    a.bias.as_ref().map(FlexTensor::as_f32),
+                    d_out_f32.as_f32(),
+                    a.dims,
+                    scale as f32,
+                );
+                let d = a.dims;
+                [
+                    flex_f32(dq, [d.batch, d.heads, d.queries, d.dk]),
+                    flex_f32(dk, [d.batch, d.heads, d.keys, d.dk]),
+                    flex_f32(dv, [d.batch, d.heads, d.keys, d.dv]),
+                ]
+            }
+            _ => blocked_attention_backward::<Self>(q, k, v, bias, scale, d_out),
+        }
+    }
+}
+
+/// The operands of an attention call on Flex, contiguous, when they are f32 and the bias
+/// broadcasts only over whole batch and head axes (what [`cpu::attention`] takes).
+struct FlexAttention {
+    q: FlexTensor,
+    k: FlexTensor,
+    v: FlexTensor,
+    bias: Option<FlexTensor>,
+    dims: cpu::AttentionDims,
+}
+
+impl FlexAttention {
+    fn read(
+        q: &FlexTensor,
+        k: &FlexTensor,
+        v: &FlexTensor,
+        bias: Option<&FlexTensor>,
+    ) -> Option<Self> {
+        let f32 = |t: &FlexTensor| t.dtype() == burn::tensor::DType::F32;
+        if !(f32(q) && f32(k) && f32(v) && bias.is_none_or(f32)) {
+            return None;
+        }
+        let (qs, ks, vs) = (q.layout().shape(), k.layout().shape(), v.layout().shape());
+        let [batch, heads, queries, dk] = [qs[0], qs[1], qs[2], qs[3]];
+        let (keys, dv) = (ks[2], vs[3]);
+        let (mut bias_batch, mut bias_heads) = (1, 1);
+        if let Some(b) = bias {
+            let bs = b.layout().shape();
+            (bias_batch, bias_heads) = (bs[0], bs[1]);
+            let fits = |n: usize, full: usize| n == 1 || n == full;
+            if !(fits(bias_batch, batch) && fits(bias_heads, heads))
+                || bs[2] != queries
+                || bs[3] != keys
+            {
+                return None;
+            }
+        }
+        Some(Self {
+            q: q.to_contiguous(),
+            k: k.to_contiguous(),
+            v: v.to_contiguous(),
+            bias: bias.map(FlexTensor::to_contiguous),
+            dims: cpu::AttentionDims {
+                batch,
+                heads,
+                queries,
+                keys,
+                dk,
+                dv,
+                bias_batch,
+                bias_heads,
+            },
+        })
+    }
+}
+
+/// The f32 values of a contiguous Flex tensor.
+trait AsF32 {
+    fn as_f32(&self) -> &[f32];
+}
+
+impl AsF32 for FlexTensor {
+    fn as_f32(&self) -> &[f32] {
+        self.as_slice::<f32>()
+            .expect("a contiguous f32 tensor (checked by the caller)")
+    }
+}
+
+/// A Flex tensor of `shape` holding `values`.
+fn flex_f32<const D: usize>(values: Vec<f32>, shape: [usize; D]) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, shape))
+}
+
 impl KilnBackend for burn::backend::NdArray {}
 #[cfg(feature = "cuda")]
 impl KilnBackend for burn::backend::Cuda {
@@ -636,48 +802,73 @@ mod tests {
 
     #[test]
     fn blocked_attention_and_its_recomputing_backward_match_dense_attention() {
+        // Flex runs the host kernels of crate::cpu, NdArray the tensor-op default. More
+        // query rows than one block of either, so blocking and accumulation are exercised;
+        // a causal mask with -inf, padding keys masked per batch row with a large negative
+        // number, and keys and values of different widths.
+        let t = ATTENTION_BLOCK + 88;
+        attention_matches_dense::<Autodiff<Flex>>((2, 3, t, t, 5, 4), true);
+        attention_matches_dense::<Autodiff<burn::backend::NdArray>>((2, 3, t, t, 5, 4), true);
+        // Fewer keys than queries, no mask.
+        attention_matches_dense::<Autodiff<Flex>>((1, 2, 70, 45, 8, 3), false);
+        attention_matches_dense::<Autodiff<burn::backend::NdArray>>((1, 2, 70, 45, 8, 3), false);
+    }
+
+    /// [`KilnBackend::kiln_attention`] and its backward against `softmax(q kᵀ · scale +
+    /// bias) v` in plain tensor ops, for `(batch, heads, queries, keys, dk, dv)`.
+    fn attention_matches_dense<A: KilnAutodiffBackend>(
+        (b, h, t, s, dk, dv): (usize, usize, usize, usize, usize, usize),
+        masked: bool,
+    ) {
         let device = Default::default();
-        // More query rows than one block, so blocking and accumulation are exercised.
-        let (b, h, t, d) = (1, 2, ATTENTION_BLOCK + 88, 4);
-        let data = |seed: f32| {
-            let v: Vec<f32> = (0..b * h * t * d)
-                .map(|i| ((i as f32) * seed).sin())
-                .collect();
-            TensorData::new(v, [b, h, t, d])
+        let data = |seed: f32, shape: [usize; 4]| {
+            let n = shape.iter().product::<usize>();
+            let v: Vec<f32> = (0..n).map(|i| ((i as f32) * seed).sin()).collect();
+            TensorData::new(v, shape)
         };
-        let mut causal = vec![0.0f32; t * t];
-        for r in 0..t {
-            for c in r + 1..t {
-                causal[r * t + c] = f32::NEG_INFINITY;
+        let bias = masked.then(|| {
+            let mut mask = vec![0.0f32; b * t * s];
+            for batch in 0..b {
+                for r in 0..t {
+                    for c in 0..s {
+                        let i = (batch * t + r) * s + c;
+                        if c > r {
+                            mask[i] = f32::NEG_INFINITY;
+                        } else if batch == 1 && c < 3 {
+                            mask[i] = -1e9; // left padding of the second row
+                        }
+                    }
+                }
             }
-        }
-        let bias = Tensor::<B, 4>::from_data(TensorData::new(causal, [1, 1, t, t]), &device);
-        let upstream = Tensor::<B, 4>::from_data(data(0.37), &device);
+            Tensor::<A, 4>::from_data(TensorData::new(mask, [b, 1, t, s]), &device)
+        });
+        let upstream = Tensor::<A, 4>::from_data(data(0.37, [b, h, t, dv]), &device);
         let run = |kiln: bool| {
-            let q = Tensor::<B, 4>::from_data(data(0.11), &device).require_grad();
-            let k = Tensor::<B, 4>::from_data(data(0.23), &device).require_grad();
-            let v = Tensor::<B, 4>::from_data(data(0.31), &device).require_grad();
+            let q = Tensor::<A, 4>::from_data(data(0.11, [b, h, t, dk]), &device).require_grad();
+            let k = Tensor::<A, 4>::from_data(data(0.23, [b, h, s, dk]), &device).require_grad();
+            let v = Tensor::<A, 4>::from_data(data(0.31, [b, h, s, dv]), &device).require_grad();
             let scale = 0.5;
             let out = if kiln {
-                float::<B, 4>(B::kiln_attention(
+                float::<A, 4>(A::kiln_attention(
                     q.clone().into_primitive().tensor(),
                     k.clone().into_primitive().tensor(),
                     v.clone().into_primitive().tensor(),
-                    Some(bias.clone().into_primitive().tensor()),
+                    bias.clone().map(|b| b.into_primitive().tensor()),
                     scale,
                 ))
             } else {
-                softmax(
-                    q.clone()
-                        .matmul(k.clone().swap_dims(2, 3))
-                        .mul_scalar(scale)
-                        + bias.clone(),
-                    3,
-                )
-                .matmul(v.clone())
+                let scores = q
+                    .clone()
+                    .matmul(k.clone().swap_dims(2, 3))
+                    .mul_scalar(scale);
+                let scores = match bias.clone() {
+                    Some(b) => scores + b,
+                    None => scores,
+                };
+                softmax(scores, 3).matmul(v.clone())
             };
             let grads = (out.clone() * upstream.clone()).sum().backward();
-            let g = |x: &Tensor<B, 4>| x.grad(&grads).expect("gradient").into_data();
+            let g = |x: &Tensor<A, 4>| x.grad(&grads).expect("gradient").into_data();
             (out.into_data(), g(&q), g(&k), g(&v))
         };
         let (kiln, dense) = (run(true), run(false));

@@ -1,0 +1,453 @@
+//! Host kernels behind kiln's operations on Burn's CPU backend (Flex).
+//!
+//! Written as tensor ops, attention on Flex spends most of its time outside its matmuls:
+//! adding a `[1, 1, t, s]` mask to `[b, h, t, s]` scores walks them element by element
+//! (Flex vectorizes only a broadcast of the last axis), its exponential is scalar, and each
+//! step writes the whole `[t, s]` score matrix to memory and reads it back. The kernels here
+//! work one block of query rows at a time in a cache-sized scratch: the two matmuls of the
+//! block go to `gemm` (the matmul crate Flex itself uses), and the scale, mask, softmax and
+//! its backward run in one vectorized pass over the block's rows. Batch and head pairs (and
+//! blocks, in the forward) are spread over the cores with rayon.
+//!
+//! Vector code is compiled three times, for AVX-512, AVX2 with FMA and the baseline target,
+//! and picked at run time ([`multiversion!`]), so one binary uses the widest unit the CPU
+//! has.
+
+use rayon::prelude::*;
+
+/// Query rows per block of the attention kernels: the block's scores (`BLOCK x keys`
+/// floats, 64 KiB at 256 keys) stay in the core's cache between the two matmuls.
+const BLOCK: usize = 64;
+
+/// Defines `fn $name` whose body is compiled for AVX-512, for AVX2 + FMA and for the
+/// baseline target, and dispatches on what the CPU has. Helpers the body calls must be
+/// `#[inline(always)]` to be compiled with the same features.
+macro_rules! multiversion {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                fn avx512($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
+                if std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                {
+                    // SAFETY: the CPU has the features the function is compiled for.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: as above.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
+/// Lanes of the partial sums and maxima: wide enough for one AVX-512 register, and a
+/// shape the compiler turns into vector code at any width.
+const LANES: usize = 16;
+
+/// `e^x` to within 2 ulp (Cephes' `expf` polynomial), written so that a loop over it
+/// vectorizes; 0 below `-87.3`, where `e^x` leaves the normal floats.
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    const LOG2_E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const LO: f32 = -87.336_55;
+    const HI: f32 = 88.722_83;
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
+    let c = x.clamp(LO, HI);
+    let n = (c * LOG2_E + ROUND) - ROUND;
+    let r = c - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let e = p * r * r + r + 1.0;
+    // n + 127 is an integer in [0, 255]: added to 2^23 it lands in the low mantissa bits,
+    // and shifting those into the exponent field makes 2^n.
+    let scale = f32::from_bits((n + (127.0 + 8_388_608.0)).to_bits() << 23);
+    if x < LO { 0.0 } else { e * scale }
+}
+
+/// The largest value of `xs` (`-inf` when empty).
+#[inline(always)]
+fn max(xs: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a = if x > *a { x } else { *a };
+        }
+    }
+    let m = tail.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    acc.iter().fold(m, |m, &x| m.max(x))
+}
+
+/// `sum(a ⊙ b)`.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..LANES {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+multiversion! {
+    /// Turns each row of `scores` (`row_len` wide) into `softmax(row · scale + bias_row)`
+    /// in place; `bias` holds one row per score row (or none). A row whose every entry
+    /// is masked with `-inf` becomes all zeros.
+    fn softmax_rows(scores: &mut [f32], row_len: usize, scale: f32, bias: Option<&[f32]>) {
+        for (r, row) in scores.chunks_exact_mut(row_len).enumerate() {
+            match bias {
+                Some(b) => {
+                    let b = &b[r * row_len..(r + 1) * row_len];
+                    for (s, &b) in row.iter_mut().zip(b) {
+                        *s = *s * scale + b;
+                    }
+                }
+                None => row.iter_mut().for_each(|s| *s *= scale),
+            }
+            let m = max(row);
+            if m == f32::NEG_INFINITY {
+                row.fill(0.0);
+                continue;
+            }
+            let mut acc = [0.0f32; LANES];
+            let mut chunks = row.chunks_exact_mut(LANES);
+            for c in &mut chunks {
+                for (a, s) in acc.iter_mut().zip(c.iter_mut()) {
+                    *s = exp(*s - m);
+                    *a += *s;
+                }
+            }
+            let mut sum: f32 = acc.iter().sum();
+            for s in chunks.into_remainder() {
+                *s = exp(*s - m);
+                sum += *s;
+            }
+            let inv = 1.0 / sum;
+            row.iter_mut().for_each(|s| *s *= inv);
+        }
+    }
+}
+
+multiversion! {
+    /// The softmax backward, scaled, in place: each row of `dp` becomes
+    /// `scale · p ⊙ (dp − sum(dp ⊙ p))`.
+    fn softmax_backward_rows(dp: &mut [f32], p: &[f32], row_len: usize, scale: f32) {
+        for (d, p) in dp.chunks_exact_mut(row_len).zip(p.chunks_exact(row_len)) {
+            let row = dot(d, p);
+            for (d, &p) in d.iter_mut().zip(p) {
+                *d = scale * p * (*d - row);
+            }
+        }
+    }
+}
+
+/// Shapes of an attention call: `q: [batch, heads, queries, dk]`, `k: [batch, heads,
+/// keys, dk]`, `v: [batch, heads, keys, dv]`, and a bias of `[bias_batch, bias_heads,
+/// queries, keys]` with `bias_batch` 1 or `batch` and `bias_heads` 1 or `heads`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionDims {
+    /// Batch size.
+    pub batch: usize,
+    /// Heads.
+    pub heads: usize,
+    /// Query positions.
+    pub queries: usize,
+    /// Key positions.
+    pub keys: usize,
+    /// Width of a query and key head.
+    pub dk: usize,
+    /// Width of a value head.
+    pub dv: usize,
+    /// Batch rows of the bias (1 or `batch`).
+    pub bias_batch: usize,
+    /// Head rows of the bias (1 or `heads`).
+    pub bias_heads: usize,
+}
+
+impl AttentionDims {
+    /// The bias rows `[queries, keys]` that batch-head `bh` reads.
+    fn bias_rows<'a>(&self, bias: Option<&'a [f32]>, bh: usize) -> Option<&'a [f32]> {
+        let (b, h) = (bh / self.heads, bh % self.heads);
+        let (bb, hb) = (b % self.bias_batch, h % self.bias_heads);
+        let plane = self.queries * self.keys;
+        bias.map(|bias| &bias[(bb * self.bias_heads + hb) * plane..][..plane])
+    }
+}
+
+/// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]`, each operand given by its pointer and its row
+/// and column strides (in elements); single-threaded (the callers split work by head).
+///
+/// # Safety
+/// Every element the strides reach must lie inside the operand's allocation, and `dst`
+/// must not overlap the inputs.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    (lhs, lhs_rs, lhs_cs): (*const f32, usize, usize),
+    (rhs, rhs_rs, rhs_cs): (*const f32, usize, usize),
+) {
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs,
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs,
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// The probabilities `softmax(q_blk kᵀ · scale + bias_blk)` of the query rows
+/// `rows` of one batch-head, into `p` (`rows.len() x keys`).
+fn block_probabilities(
+    d: &AttentionDims,
+    q: &[f32],
+    k: &[f32],
+    bias: Option<&[f32]>,
+    rows: std::ops::Range<usize>,
+    scale: f32,
+    p: &mut [f32],
+) {
+    let n = rows.len();
+    let (s, dk) = (d.keys, d.dk);
+    // SAFETY: q holds the block's `n x dk` rows, k is `keys x dk`, p is `n x keys`.
+    unsafe {
+        matmul(
+            (n, s, dk),
+            p.as_mut_ptr(),
+            s,
+            false,
+            (q[rows.start * dk..].as_ptr(), dk, 1),
+            (k.as_ptr(), 1, dk),
+        );
+    }
+    let bias = bias.map(|b| &b[rows.start * s..rows.end * s]);
+    softmax_rows(&mut p[..n * s], s, scale, bias);
+}
+
+/// `softmax(q kᵀ · scale + bias) v`, `[batch, heads, queries, dv]`, for contiguous
+/// row-major `q`, `k`, `v` and `bias` of the shapes in `d`.
+pub fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    bias: Option<&[f32]>,
+    d: AttentionDims,
+    scale: f32,
+) -> Vec<f32> {
+    let (t, s, dk, dv) = (d.queries, d.keys, d.dk, d.dv);
+    let mut out = vec![0.0f32; d.batch * d.heads * t * dv];
+    out.par_chunks_mut(t * dv)
+        .enumerate()
+        .flat_map(|(bh, o)| {
+            o.par_chunks_mut(BLOCK * dv)
+                .enumerate()
+                .map(move |(i, o)| (bh, i, o))
+        })
+        .for_each_init(
+            || vec![0.0f32; BLOCK * s],
+            |p, (bh, i, o)| {
+                let rows = i * BLOCK..((i + 1) * BLOCK).min(t);
+                let n = rows.len();
+                let (qh, kh) = (&q[bh * t * dk..][..t * dk], &k[bh * s * dk..][..s * dk]);
+                let vh = &v[bh * s * dv..][..s * dv];
+                block_probabilities(&d, qh, kh, d.bias_rows(bias, bh), rows, scale, p);
+                // SAFETY: p is `n x keys`, vh `keys x dv`, o the block's `n x dv` rows.
+                unsafe {
+                    matmul(
+                        (n, dv, s),
+                        o.as_mut_ptr(),
+                        dv,
+                        false,
+                        (p.as_ptr(), s, 1),
+                        (vh.as_ptr(), dv, 1),
+                    );
+                }
+            },
+        );
+    out
+}
+
+/// The gradients `(dq, dk, dv)` of [`attention`] given the output's gradient `d_out`
+/// (`[batch, heads, queries, dv]`), recomputing each block's probabilities.
+pub fn attention_backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    bias: Option<&[f32]>,
+    d_out: &[f32],
+    d: AttentionDims,
+    scale: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (t, s, dk, dv) = (d.queries, d.keys, d.dk, d.dv);
+    let bh_count = d.batch * d.heads;
+    let mut dq = vec![0.0f32; bh_count * t * dk];
+    let mut dkey = vec![0.0f32; bh_count * s * dk];
+    let mut dval = vec![0.0f32; bh_count * s * dv];
+    dq.par_chunks_mut(t * dk)
+        .zip(dkey.par_chunks_mut(s * dk))
+        .zip(dval.par_chunks_mut(s * dv))
+        .enumerate()
+        .for_each_init(
+            || (vec![0.0f32; BLOCK * s], vec![0.0f32; BLOCK * s]),
+            |(p, dp), (bh, ((dqh, dkh), dvh))| {
+                let qh = &q[bh * t * dk..][..t * dk];
+                let kh = &k[bh * s * dk..][..s * dk];
+                let vh = &v[bh * s * dv..][..s * dv];
+                let doh = &d_out[bh * t * dv..][..t * dv];
+                let bias = d.bias_rows(bias, bh);
+                for r0 in (0..t).step_by(BLOCK) {
+                    let rows = r0..(r0 + BLOCK).min(t);
+                    let n = rows.len();
+                    block_probabilities(&d, qh, kh, bias, rows, scale, p);
+                    let (qb, dob) = (qh[r0 * dk..].as_ptr(), doh[r0 * dv..].as_ptr());
+                    // SAFETY: p and dp are `n x keys`; qb, dob and dqh's block are the
+                    // block's `n` rows of q, d_out and dq; kh, vh, dkh, dvh are whole heads.
+                    unsafe {
+                        // dV += Pᵀ dO
+                        matmul(
+                            (s, dv, n),
+                            dvh.as_mut_ptr(),
+                            dv,
+                            true,
+                            (p.as_ptr(), 1, s),
+                            (dob, dv, 1),
+                        );
+                        // dP = dO Vᵀ
+                        matmul(
+                            (n, s, dv),
+                            dp.as_mut_ptr(),
+                            s,
+                            false,
+                            (dob, dv, 1),
+                            (vh.as_ptr(), 1, dv),
+                        );
+                    }
+                    softmax_backward_rows(&mut dp[..n * s], &p[..n * s], s, scale);
+                    // SAFETY: as above; dp now holds dS · scale.
+                    unsafe {
+                        // dQ = dS K
+                        let dqb = dqh[r0 * dk..].as_mut_ptr();
+                        matmul(
+                            (n, dk, s),
+                            dqb,
+                            dk,
+                            false,
+                            (dp.as_ptr(), s, 1),
+                            (kh.as_ptr(), dk, 1),
+                        );
+                        // dK += dSᵀ Q
+                        matmul(
+                            (s, dk, n),
+                            dkh.as_mut_ptr(),
+                            dk,
+                            true,
+                            (dp.as_ptr(), 1, s),
+                            (qb, dk, 1),
+                        );
+                    }
+                }
+            },
+        );
+    (dq, dkey, dval)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_matches_the_standard_library() {
+        let mut worst = 0.0f32;
+        for i in -8700..=8800 {
+            let x = i as f32 * 0.01 + 0.003;
+            let (ours, std) = (exp(x), x.exp());
+            worst = worst.max(((ours - std) / std).abs());
+        }
+        assert!(worst < 3e-7, "largest relative error {worst}");
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(-100.0), 0.0);
+        assert!(exp(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn softmax_rows_match_a_scalar_softmax() {
+        let row_len = 37; // not a multiple of the lane count
+        let scores: Vec<f32> = (0..3 * row_len)
+            .map(|i| ((i * 7) % 11) as f32 - 5.0)
+            .collect();
+        let mut bias: Vec<f32> = (0..3 * row_len).map(|i| (i % 3) as f32 * 0.5).collect();
+        bias[row_len..2 * row_len].fill(f32::NEG_INFINITY);
+        bias[row_len + 4] = 0.0;
+        let mut ours = scores.clone();
+        softmax_rows(&mut ours, row_len, 0.3, Some(&bias));
+        for r in 0..3 {
+            let row: Vec<f64> = (0..row_len)
+                .map(|j| f64::from(scores[r * row_len + j] * 0.3 + bias[r * row_len + j]))
+                .collect();
+            let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let sum: f64 = row.iter().map(|x| (x - m).exp()).sum();
+            for j in 0..row_len {
+                let want = (row[j] - m).exp() / sum;
+                let got = f64::from(ours[r * row_len + j]);
+                assert!(
+                    (got - want).abs() < 1e-6,
+                    "row {r} col {j}: {got} vs {want}"
+                );
+            }
+        }
+        let mut masked = vec![1.0f32; row_len];
+        softmax_rows(
+            &mut masked,
+            row_len,
+            1.0,
+            Some(&vec![f32::NEG_INFINITY; row_len]),
+        );
+        assert!(masked.iter().all(|&p| p == 0.0));
+    }
+}
