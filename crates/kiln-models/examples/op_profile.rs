@@ -93,6 +93,14 @@ fn main() {
         ),
         ("linear head 256->4096", 1, Box::new(lin(&w_head))),
         (
+            "linear head, 2-D input",
+            0,
+            Box::new(|| {
+                let x2 = x.clone().reshape([BATCH * SEQ, HIDDEN]);
+                burn::tensor::module::linear(x2, w_head.clone(), None).sum()
+            }),
+        ),
+        (
             "silu(g) * h",
             4,
             Box::new(|| (silu(g.clone()) * h.clone()).sum()),
@@ -133,10 +141,22 @@ fn main() {
         ),
         (
             "log_softmax + gather",
-            1,
+            0,
             Box::new(|| {
                 let idx = Tensor::<B, 2, Int>::zeros([BATCH * SEQ, 1], &Default::default());
                 log_softmax(logits.clone(), 1).gather(1, idx).sum()
+            }),
+        ),
+        (
+            "cross-entropy (kiln)",
+            1,
+            Box::new(|| {
+                let idx = Tensor::<B, 1, Int>::zeros([BATCH * SEQ], &Default::default());
+                Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(B::kiln_cross_entropy(
+                    logits.clone().into_primitive().tensor(),
+                    idx.into_primitive(),
+                )))
+                .sum()
             }),
         ),
         (

@@ -34,7 +34,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::backend::flex::FlexTensor;
 use burn::prelude::*;
-use burn::tensor::activation::softmax;
+use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{ElementConversion, Int, TensorData, TensorPrimitive, s};
@@ -74,6 +74,27 @@ pub trait KilnBackend: Backend {
         d_out: FloatTensor<Self>,
     ) -> [FloatTensor<Self>; 3] {
         blocked_attention_backward::<Self>(q, k, v, bias, scale, d_out)
+    }
+
+    /// Per-row cross-entropy `-log softmax(logits_r)[target_r]` for `logits: [rows,
+    /// vocab]` and int `targets: [rows]`; returns `[rows]`. Panics on a target outside the
+    /// vocabulary.
+    fn kiln_cross_entropy(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> FloatTensor<Self> {
+        tensor_ops_cross_entropy::<Self>(logits, targets)
+    }
+
+    /// The gradient of [`Self::kiln_cross_entropy`] with respect to the logits, given the
+    /// gradient of each row's loss `d_loss: [rows]`:
+    /// `(softmax(logits_r) - onehot(target_r)) · d_loss_r`.
+    fn kiln_cross_entropy_backward(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        d_loss: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        tensor_ops_cross_entropy_backward::<Self>(logits, targets, d_loss)
     }
 
     /// Attention of every query over its own keys: for `q: [rows, queries, e]`,
@@ -266,6 +287,47 @@ impl<B: KilnBackend> Backward<B, 3> for AttentionBackward {
     }
 }
 
+/// [`KilnBackend::kiln_cross_entropy`] in tensor ops.
+fn tensor_ops_cross_entropy<B: Backend>(
+    logits: FloatTensor<B>,
+    targets: IntTensor<B>,
+) -> FloatTensor<B> {
+    let logits = float::<B, 2>(logits);
+    let rows = logits.dims()[0];
+    let targets = Tensor::<B, 1, Int>::from_primitive(targets).reshape([rows, 1]);
+    log_softmax(logits, 1)
+        .gather(1, targets)
+        .reshape([rows])
+        .neg()
+        .into_primitive()
+        .tensor()
+}
+
+/// [`KilnBackend::kiln_cross_entropy_backward`] in tensor ops.
+fn tensor_ops_cross_entropy_backward<B: Backend>(
+    logits: FloatTensor<B>,
+    targets: IntTensor<B>,
+    d_loss: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let logits = float::<B, 2>(logits);
+    let [rows, vocab] = logits.dims();
+    let onehot = Tensor::<B, 1, Int>::from_primitive(targets)
+        .one_hot::<2>(vocab)
+        .float();
+    let d_loss = float::<B, 1>(d_loss).reshape([rows, 1]);
+    ((softmax(logits, 1) - onehot) * d_loss)
+        .into_primitive()
+        .tensor()
+}
+
+/// The ids of an int Flex tensor.
+fn host_ids(ids: FlexTensor) -> Vec<i64> {
+    ids.into_data()
+        .convert::<i64>()
+        .into_vec::<i64>()
+        .expect("converted to i64")
+}
+
 /// [`KilnBackend::kiln_attention`] in tensor ops, [`ATTENTION_BLOCK`] queries at a time.
 fn blocked_attention<B: Backend>(
     q: FloatTensor<B>,
@@ -387,6 +449,37 @@ impl KilnBackend for burn::backend::Flex {
             _ => blocked_attention_backward::<Self>(q, k, v, bias, scale, d_out),
         }
     }
+
+    fn kiln_cross_entropy(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let logits = logits.to_contiguous();
+        let [rows, vocab] = [logits.layout().shape()[0], logits.layout().shape()[1]];
+        match logits.as_slice::<f32>() {
+            Some(values) => flex_f32(
+                cpu::cross_entropy(values, &host_ids(targets), vocab),
+                [rows],
+            ),
+            None => tensor_ops_cross_entropy::<Self>(logits, targets),
+        }
+    }
+
+    fn kiln_cross_entropy_backward(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        d_loss: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let (logits, d) = (logits.to_contiguous(), d_loss.to_contiguous());
+        let [rows, vocab] = [logits.layout().shape()[0], logits.layout().shape()[1]];
+        match (logits.as_slice::<f32>(), d.as_slice::<f32>()) {
+            (Some(values), Some(d)) => flex_f32(
+                cpu::cross_entropy_backward(values, &host_ids(targets), d, vocab),
+                [rows, vocab],
+            ),
+            _ => tensor_ops_cross_entropy_backward::<Self>(logits, targets, d_loss),
+        }
+    }
 }
 
 /// The operands of an attention call on Flex, contiguous, when they are f32 and the bias
@@ -468,6 +561,21 @@ impl KilnBackend for burn::backend::Cuda {
         nf4_weight_on_device::<Self>(w, device)
             .into_primitive()
             .tensor()
+    }
+}
+
+/// The backward of [`KilnBackend::kiln_cross_entropy`]; the targets are constants.
+#[derive(Debug)]
+struct CrossEntropyBackward;
+
+impl<B: KilnBackend> Backward<B, 1> for CrossEntropyBackward {
+    type State = (FloatTensor<B>, IntTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (logits, targets) = ops.state;
+        unary::<B, _>(ops.parents, ops.node, grads, |d_loss| {
+            B::kiln_cross_entropy_backward(logits, targets, d_loss)
+        });
     }
 }
 
@@ -634,6 +742,21 @@ impl<B: KilnBackend, C: CheckpointStrategy> KilnBackend for Autodiff<B, C> {
             OpsKind::Tracked(prep) => {
                 prep.finish((q.primitive, k.primitive, v.primitive, bias, scale), output)
             }
+            OpsKind::UnTracked(prep) => prep.finish(output),
+        }
+    }
+
+    fn kiln_cross_entropy(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let output = B::kiln_cross_entropy(logits.primitive.clone(), targets.clone());
+        match CrossEntropyBackward
+            .prepare::<C>([logits.node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((logits.primitive, targets), output),
             OpsKind::UnTracked(prep) => prep.finish(output),
         }
     }
@@ -812,6 +935,65 @@ mod tests {
         // Fewer keys than queries, no mask.
         attention_matches_dense::<Autodiff<Flex>>((1, 2, 70, 45, 8, 3), false);
         attention_matches_dense::<Autodiff<burn::backend::NdArray>>((1, 2, 70, 45, 8, 3), false);
+    }
+
+    #[test]
+    fn fused_cross_entropy_and_its_backward_match_log_softmax_and_gather() {
+        cross_entropy_matches_log_softmax::<Autodiff<Flex>>();
+        cross_entropy_matches_log_softmax::<Autodiff<burn::backend::NdArray>>();
+    }
+
+    #[test]
+    #[should_panic(expected = "target 50 of row 2 is outside the vocabulary of 37")]
+    fn a_target_outside_the_vocabulary_names_its_row() {
+        let device = Default::default();
+        let logits = Tensor::<Flex, 2>::zeros([3, 37], &device);
+        let targets =
+            Tensor::<Flex, 1, Int>::from_data(TensorData::new(vec![1i64, 2, 50], [3]), &device);
+        Flex::kiln_cross_entropy(logits.into_primitive().tensor(), targets.into_primitive());
+    }
+
+    /// [`KilnBackend::kiln_cross_entropy`] and its backward against `-log_softmax` gathered
+    /// at the targets, with each row's loss weighted (as a mask does).
+    fn cross_entropy_matches_log_softmax<A: KilnAutodiffBackend>() {
+        let device = Default::default();
+        // A vocabulary that is not a multiple of the vector width, and large logits.
+        let (rows, vocab) = (9, 37);
+        let values: Vec<f32> = (0..rows * vocab)
+            .map(|i| ((i as f32) * 0.71).sin() * 30.0)
+            .collect();
+        let ids: Vec<i64> = (0..rows as i64).map(|r| (r * 5) % vocab as i64).collect();
+        let weights: Vec<f32> = (0..rows)
+            .map(|r| if r % 4 == 3 { 0.0 } else { 1.0 + r as f32 })
+            .collect();
+        let weights = Tensor::<A, 1>::from_data(TensorData::new(weights, [rows]), &device);
+        let targets =
+            || Tensor::<A, 1, Int>::from_data(TensorData::new(ids.clone(), [rows]), &device);
+        let run = |kiln: bool| {
+            let logits =
+                Tensor::<A, 2>::from_data(TensorData::new(values.clone(), [rows, vocab]), &device)
+                    .require_grad();
+            let nll = if kiln {
+                float::<A, 1>(A::kiln_cross_entropy(
+                    logits.clone().into_primitive().tensor(),
+                    targets().into_primitive(),
+                ))
+            } else {
+                log_softmax(logits.clone(), 1)
+                    .gather(1, targets().reshape([rows, 1]))
+                    .reshape([rows])
+                    .neg()
+            };
+            let grads = (nll.clone() * weights.clone()).sum().backward();
+            (
+                nll.into_data(),
+                logits.grad(&grads).expect("gradient").into_data(),
+            )
+        };
+        let (kiln, reference) = (run(true), run(false));
+        let tol = burn::tensor::Tolerance::<f32>::absolute(1e-4);
+        kiln.0.assert_approx_eq::<f32>(&reference.0, tol);
+        kiln.1.assert_approx_eq::<f32>(&reference.1, tol);
     }
 
     /// [`KilnBackend::kiln_attention`] and its backward against `softmax(q kᵀ · scale +

@@ -1,27 +1,32 @@
 //! The language-model loss shared by every family: masked cross-entropy.
 
 use burn::prelude::*;
-use burn::tensor::activation::log_softmax;
+use burn::tensor::TensorPrimitive;
 
 use kiln_data::Batch;
+use kiln_models::KilnBackend;
 
-/// Summed negative log-likelihood over the masked targets of a batch.
+/// Summed negative log-likelihood over the masked targets of a batch, with the backend's
+/// fused cross-entropy ([`KilnBackend::kiln_cross_entropy`]: no `[rows, vocab]`
+/// log-probabilities are kept for the backward pass).
 ///
 /// # Shapes
 /// - logits: `[batch, seq, vocab]`
 /// - returns `[1]` (the sum) and `[batch * seq]` (per-position losses, 0 where masked)
-pub fn masked_nll<B: Backend>(
+pub fn masked_nll<B: KilnBackend>(
     logits: Tensor<B, 3>,
     batch: &Batch,
     device: &B::Device,
 ) -> (Tensor<B, 1>, Tensor<B, 1>) {
     let [b, t, v] = logits.dims();
-    let logp = log_softmax(logits.reshape([b * t, v]), 1); // [b*t, v]
     let targets: Vec<i64> = batch.targets.iter().map(|&x| i64::from(x)).collect();
-    let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [b * t, 1]), device);
+    let targets = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [b * t]), device);
     let mask = Tensor::<B, 1>::from_data(TensorData::new(batch.mask.clone(), [b * t]), device);
-    let picked = logp.gather(1, targets).reshape([b * t]); // [b*t]
-    let per_token = picked.neg().mul(mask);
+    let nll = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(B::kiln_cross_entropy(
+        logits.reshape([b * t, v]).into_primitive().tensor(),
+        targets.into_primitive(),
+    ))); // [b*t]
+    let per_token = nll.mul(mask);
     (per_token.clone().sum(), per_token)
 }
 
