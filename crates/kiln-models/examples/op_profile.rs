@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
-use burn::tensor::activation::{log_softmax, silu};
+use burn::tensor::activation::log_softmax;
 use burn::tensor::{Distribution, TensorPrimitive};
 use kiln_models::KilnBackend;
 
@@ -77,8 +77,10 @@ fn main() {
         TensorData::new(mask, [1, 1, (HEADS / KV_HEADS) * SEQ, SEQ]),
         &Default::default(),
     );
+    // Projections run as 2-D matmuls over all positions, as the models do.
+    let x2 = x.clone().reshape([BATCH * SEQ, HIDDEN]);
     let lin = |w: &Tensor<B, 2>| {
-        let (x, w) = (x.clone(), w.clone());
+        let (x, w) = (x2.clone(), w.clone());
         move || burn::tensor::module::linear(x.clone(), w.clone(), None).sum()
     };
     #[allow(clippy::type_complexity)]
@@ -89,21 +91,16 @@ fn main() {
         (
             "linear down 688->256",
             4,
-            Box::new(|| burn::tensor::module::linear(h.clone(), w_down.clone(), None).sum()),
+            Box::new(|| {
+                let h = h.clone().reshape([BATCH * SEQ, INTER]);
+                burn::tensor::module::linear(h, w_down.clone(), None).sum()
+            }),
         ),
         ("linear head 256->4096", 1, Box::new(lin(&w_head))),
         (
-            "linear head, 2-D input",
-            0,
-            Box::new(|| {
-                let x2 = x.clone().reshape([BATCH * SEQ, HIDDEN]);
-                burn::tensor::module::linear(x2, w_head.clone(), None).sum()
-            }),
-        ),
-        (
-            "silu(g) * h",
+            "swiglu (kiln)",
             4,
-            Box::new(|| (silu(g.clone()) * h.clone()).sum()),
+            Box::new(|| kiln_models::ops::swiglu(g.clone(), h.clone()).sum()),
         ),
         (
             "rmsnorm",
@@ -114,15 +111,15 @@ fn main() {
             }),
         ),
         (
-            "rope (q)",
+            "rope (kiln, q)",
             4,
             Box::new(|| {
-                let half = HEAD_DIM / 2;
-                let x1 = rot.clone().narrow(3, 0, half);
-                let x2 = rot.clone().narrow(3, half, half);
-                let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-                let c = cos.clone().reshape([1, SEQ, 1, HEAD_DIM]);
-                (rot.clone() * c.clone() + rotated * c).sum()
+                Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(B::kiln_rope(
+                    rot.clone().into_primitive().tensor(),
+                    cos.clone().into_primitive().tensor(),
+                    cos.clone().into_primitive().tensor(),
+                )))
+                .sum()
             }),
         ),
         (

@@ -117,6 +117,41 @@ pub trait KilnBackend: Backend {
         Self::float_from_data(TensorData::new(out, h.q_shape), &device)
     }
 
+    /// SwiGLU's gate `silu(gate) ⊙ up` for `gate` and `up` of one shape.
+    fn kiln_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        tensor_ops_swiglu::<Self>(gate, up)
+    }
+
+    /// The gradients `[d_gate, d_up]` of [`Self::kiln_swiglu`] given its output's gradient.
+    fn kiln_swiglu_backward(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        d_out: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 2] {
+        tensor_ops_swiglu_backward::<Self>(gate, up, d_out)
+    }
+
+    /// Rotary embedding `x ⊙ cos + rotate_half(x) ⊙ sin` of `x: [batch, seq, heads, dim]`
+    /// with constant tables `cos, sin: [seq, dim]`, where `rotate_half([x1, x2]) = [-x2,
+    /// x1]` over the two halves of `dim`.
+    fn kiln_rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        tensor_ops_rope::<Self>(x, cos, sin, false)
+    }
+
+    /// The backward of [`Self::kiln_rope`] (its transpose, since it is linear in `x`):
+    /// `d ⊙ cos + rotate_halfᵀ(d ⊙ sin)` with `rotate_halfᵀ([y1, y2]) = [y2, -y1]`.
+    fn kiln_rope_backward(
+        d_out: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        tensor_ops_rope::<Self>(d_out, cos, sin, true)
+    }
+
     /// `x · dequant(w)ᵀ` for `x: [n, in]` and an NF4 weight of Hugging Face shape
     /// `[out, in]`; returns `[n, out]`.
     fn nf4_linear(x: FloatTensor<Self>, w: &Arc<Nf4Tensor>) -> FloatTensor<Self> {
@@ -320,6 +355,56 @@ fn tensor_ops_cross_entropy_backward<B: Backend>(
         .tensor()
 }
 
+/// [`KilnBackend::kiln_swiglu`] in tensor ops (of any rank).
+fn tensor_ops_swiglu<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>) -> FloatTensor<B> {
+    let s = B::sigmoid(gate.clone());
+    B::float_mul(B::float_mul(gate, s), up)
+}
+
+/// [`KilnBackend::kiln_swiglu_backward`] in tensor ops: with `s = sigmoid(gate)`,
+/// `d_up = d ⊙ gate ⊙ s` and `d_gate = d ⊙ up ⊙ s ⊙ (1 + gate ⊙ (1 - s))`.
+fn tensor_ops_swiglu_backward<B: Backend>(
+    gate: FloatTensor<B>,
+    up: FloatTensor<B>,
+    d: FloatTensor<B>,
+) -> [FloatTensor<B>; 2] {
+    let s = B::sigmoid(gate.clone());
+    let d_s = B::float_mul(d, s.clone());
+    let d_up = B::float_mul(d_s.clone(), gate.clone());
+    let one_minus_s = B::float_add_scalar(B::float_neg(s), 1.0.into());
+    let slope = B::float_add_scalar(B::float_mul(gate, one_minus_s), 1.0.into());
+    let d_gate = B::float_mul(B::float_mul(d_s, up), slope);
+    [d_gate, d_up]
+}
+
+/// [`KilnBackend::kiln_rope`] in tensor ops, or with `inverse` its backward.
+fn tensor_ops_rope<B: Backend>(
+    x: FloatTensor<B>,
+    cos: FloatTensor<B>,
+    sin: FloatTensor<B>,
+    inverse: bool,
+) -> FloatTensor<B> {
+    let x = float::<B, 4>(x);
+    let [_, t, _, d] = x.dims();
+    let cos = float::<B, 2>(cos).reshape([1, t, 1, d]);
+    let sin = float::<B, 2>(sin).reshape([1, t, 1, d]);
+    let half = d / 2;
+    let rotated = |y: Tensor<B, 4>| {
+        let (y1, y2) = (y.clone().narrow(3, 0, half), y.narrow(3, half, half));
+        if inverse {
+            Tensor::cat(vec![y2, y1.neg()], 3)
+        } else {
+            Tensor::cat(vec![y2.neg(), y1], 3)
+        }
+    };
+    let out = if inverse {
+        x.clone() * cos + rotated(x * sin)
+    } else {
+        x.clone() * cos + rotated(x) * sin
+    };
+    out.into_primitive().tensor()
+}
+
 /// The ids of an int Flex tensor.
 fn host_ids(ids: FlexTensor) -> Vec<i64> {
     ids.into_data()
@@ -480,6 +565,51 @@ impl KilnBackend for burn::backend::Flex {
             _ => tensor_ops_cross_entropy_backward::<Self>(logits, targets, d_loss),
         }
     }
+
+    fn kiln_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        match (contiguous_f32(&gate), contiguous_f32(&up)) {
+            (Some(g), Some(u)) => {
+                let out = cpu::swiglu(g.as_f32(), u.as_f32());
+                FlexTensor::from_data(TensorData::new(out, g.layout().shape().clone()))
+            }
+            _ => tensor_ops_swiglu::<Self>(gate, up),
+        }
+    }
+
+    fn kiln_swiglu_backward(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        d_out: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 2] {
+        match (
+            contiguous_f32(&gate),
+            contiguous_f32(&up),
+            contiguous_f32(&d_out),
+        ) {
+            (Some(g), Some(u), Some(d)) => {
+                let (dg, du) = cpu::swiglu_backward(g.as_f32(), u.as_f32(), d.as_f32());
+                let shape = g.layout().shape();
+                [dg, du].map(|v| FlexTensor::from_data(TensorData::new(v, shape.clone())))
+            }
+            _ => tensor_ops_swiglu_backward::<Self>(gate, up, d_out),
+        }
+    }
+
+    fn kiln_rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        flex_rope(x, cos, sin, false)
+    }
+
+    fn kiln_rope_backward(
+        d_out: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        flex_rope(d_out, cos, sin, true)
+    }
 }
 
 /// The operands of an attention call on Flex, contiguous, when they are f32 and the bias
@@ -537,6 +667,28 @@ impl FlexAttention {
     }
 }
 
+/// [`KilnBackend::kiln_rope`] (or its backward) on Flex: the host kernel for f32.
+fn flex_rope(x: FlexTensor, cos: FlexTensor, sin: FlexTensor, inverse: bool) -> FlexTensor {
+    match (
+        contiguous_f32(&x),
+        contiguous_f32(&cos),
+        contiguous_f32(&sin),
+    ) {
+        (Some(xc), Some(c), Some(s)) => {
+            let shape = xc.layout().shape().clone();
+            let dims = [shape[1], shape[2], shape[3]];
+            let out = cpu::rope(xc.as_f32(), c.as_f32(), s.as_f32(), dims, inverse);
+            FlexTensor::from_data(TensorData::new(out, shape))
+        }
+        _ => tensor_ops_rope::<burn::backend::Flex>(x, cos, sin, inverse),
+    }
+}
+
+/// A contiguous copy (or the tensor itself) of an f32 Flex tensor; `None` for other types.
+fn contiguous_f32(t: &FlexTensor) -> Option<FlexTensor> {
+    (t.dtype() == burn::tensor::DType::F32).then(|| t.to_contiguous())
+}
+
 /// The f32 values of a contiguous Flex tensor.
 trait AsF32 {
     fn as_f32(&self) -> &[f32];
@@ -561,6 +713,41 @@ impl KilnBackend for burn::backend::Cuda {
         nf4_weight_on_device::<Self>(w, device)
             .into_primitive()
             .tensor()
+    }
+}
+
+/// The backward of [`KilnBackend::kiln_swiglu`].
+#[derive(Debug)]
+struct SwigluBackward;
+
+impl<B: KilnBackend> Backward<B, 2> for SwigluBackward {
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_gate, node_up] = ops.parents;
+        let d_out = grads.consume::<B>(&ops.node);
+        let (gate, up) = ops.state;
+        let [d_gate, d_up] = B::kiln_swiglu_backward(gate, up, d_out);
+        for (node, grad) in [(node_gate, d_gate), (node_up, d_up)] {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, grad);
+            }
+        }
+    }
+}
+
+/// The backward of [`KilnBackend::kiln_rope`]: its transpose, from the tables alone.
+#[derive(Debug)]
+struct RopeBackward;
+
+impl<B: KilnBackend> Backward<B, 1> for RopeBackward {
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (cos, sin) = ops.state;
+        unary::<B, _>(ops.parents, ops.node, grads, |d| {
+            B::kiln_rope_backward(d, cos, sin)
+        });
     }
 }
 
@@ -757,6 +944,36 @@ impl<B: KilnBackend, C: CheckpointStrategy> KilnBackend for Autodiff<B, C> {
             .stateful()
         {
             OpsKind::Tracked(prep) => prep.finish((logits.primitive, targets), output),
+            OpsKind::UnTracked(prep) => prep.finish(output),
+        }
+    }
+
+    fn kiln_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        let output = B::kiln_swiglu(gate.primitive.clone(), up.primitive.clone());
+        match SwigluBackward
+            .prepare::<C>([gate.node, up.node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((gate.primitive, up.primitive), output),
+            OpsKind::UnTracked(prep) => prep.finish(output),
+        }
+    }
+
+    fn kiln_rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        // The tables are constants (positions), never differentiated.
+        let (cos, sin) = (cos.primitive, sin.primitive);
+        let output = B::kiln_rope(x.primitive, cos.clone(), sin.clone());
+        match RopeBackward
+            .prepare::<C>([x.node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((cos, sin), output),
             OpsKind::UnTracked(prep) => prep.finish(output),
         }
     }
@@ -994,6 +1211,77 @@ mod tests {
         let tol = burn::tensor::Tolerance::<f32>::absolute(1e-4);
         kiln.0.assert_approx_eq::<f32>(&reference.0, tol);
         kiln.1.assert_approx_eq::<f32>(&reference.1, tol);
+    }
+
+    #[test]
+    fn swiglu_and_rope_ops_and_their_backwards_match_plain_tensor_ops() {
+        swiglu_and_rope_match::<Autodiff<Flex>>();
+        swiglu_and_rope_match::<Autodiff<burn::backend::NdArray>>();
+    }
+
+    /// [`KilnBackend::kiln_swiglu`] and [`KilnBackend::kiln_rope`], forward and backward,
+    /// against `silu(g) * u` and `x * cos + rotate_half(x) * sin` in tensor ops.
+    fn swiglu_and_rope_match<A: KilnAutodiffBackend>() {
+        use burn::tensor::activation::silu;
+        let device = Default::default();
+        let data = |seed: f32, shape: [usize; 4]| {
+            let n = shape.iter().product::<usize>();
+            let v: Vec<f32> = (0..n).map(|i| ((i as f32) * seed).sin() * 4.0).collect();
+            Tensor::<A, 4>::from_data(TensorData::new(v, shape), &device)
+        };
+        // Not a multiple of the vector width or of the kernels' task size.
+        let shape = [3, 7, 5, 6];
+        let upstream = data(0.37, shape);
+        let tol = burn::tensor::Tolerance::<f32>::absolute(1e-4);
+        let swiglu = |kiln: bool| {
+            let (g, u) = (
+                data(0.11, shape).require_grad(),
+                data(0.23, shape).require_grad(),
+            );
+            let out = if kiln {
+                crate::ops::swiglu(g.clone(), u.clone())
+            } else {
+                silu(g.clone()) * u.clone()
+            };
+            let grads = (out.clone() * upstream.clone()).sum().backward();
+            let grad = |x: &Tensor<A, 4>| x.grad(&grads).expect("gradient").into_data();
+            (out.into_data(), grad(&g), grad(&u))
+        };
+        let (kiln, plain) = (swiglu(true), swiglu(false));
+        kiln.0.assert_approx_eq::<f32>(&plain.0, tol);
+        kiln.1.assert_approx_eq::<f32>(&plain.1, tol);
+        kiln.2.assert_approx_eq::<f32>(&plain.2, tol);
+
+        let [_, t, _, d] = shape;
+        let table = |seed: f32| data(seed, [1, 1, t, d]).reshape([t, d]);
+        let (cos, sin) = (table(0.05), table(0.07));
+        let rope = |kiln: bool| {
+            let x = data(0.13, shape).require_grad();
+            let out = if kiln {
+                float::<A, 4>(A::kiln_rope(
+                    x.clone().into_primitive().tensor(),
+                    cos.clone().into_primitive().tensor(),
+                    sin.clone().into_primitive().tensor(),
+                ))
+            } else {
+                let half = d / 2;
+                let (x1, x2) = (
+                    x.clone().narrow(3, 0, half),
+                    x.clone().narrow(3, half, half),
+                );
+                let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+                x.clone() * cos.clone().reshape([1, t, 1, d])
+                    + rotated * sin.clone().reshape([1, t, 1, d])
+            };
+            let grads = (out.clone() * upstream.clone()).sum().backward();
+            (
+                out.into_data(),
+                x.grad(&grads).expect("gradient").into_data(),
+            )
+        };
+        let (kiln, plain) = (rope(true), rope(false));
+        kiln.0.assert_approx_eq::<f32>(&plain.0, tol);
+        kiln.1.assert_approx_eq::<f32>(&plain.1, tol);
     }
 
     /// [`KilnBackend::kiln_attention`] and its backward against `softmax(q kᵀ · scale +

@@ -464,6 +464,118 @@ pub fn cross_entropy_backward(
     grad
 }
 
+/// Elements per task of the element-wise kernels: large enough that splitting costs
+/// little, small enough to spread a layer's activations over the cores.
+const CHUNK: usize = 1 << 15;
+
+/// `1 / (1 + e^-x)`.
+#[inline(always)]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp(-x))
+}
+
+multiversion! {
+    /// `out = silu(gate) ⊙ up`.
+    fn swiglu_chunk(gate: &[f32], up: &[f32], out: &mut [f32]) {
+        for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+            *o = g * sigmoid(g) * u;
+        }
+    }
+}
+
+multiversion! {
+    /// The gradients of [`swiglu_chunk`] given the output's gradient `d`, into `d_gate`
+    /// and `d_up`.
+    fn swiglu_backward_chunk(
+        gate: &[f32],
+        up: &[f32],
+        d: &[f32],
+        d_gate: &mut [f32],
+        d_up: &mut [f32],
+    ) {
+        for ((((dg, du), &g), &u), &d) in d_gate.iter_mut().zip(d_up.iter_mut()).zip(gate).zip(up).zip(d) {
+            let s = sigmoid(g);
+            *du = d * g * s;
+            *dg = d * u * s * (1.0 + g * (1.0 - s));
+        }
+    }
+}
+
+/// SwiGLU's gate, `silu(gate) ⊙ up`, over equal-length slices.
+pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    let mut out = vec![0.0f32; gate.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
+        .for_each(|(o, (g, u))| swiglu_chunk(g, u, o));
+    out
+}
+
+/// The gradients `(d_gate, d_up)` of [`swiglu`] given the output's gradient `d_out`.
+pub fn swiglu_backward(gate: &[f32], up: &[f32], d_out: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let mut d_gate = vec![0.0f32; gate.len()];
+    let mut d_up = vec![0.0f32; gate.len()];
+    d_gate
+        .par_chunks_mut(CHUNK)
+        .zip(d_up.par_chunks_mut(CHUNK))
+        .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
+        .zip(d_out.par_chunks(CHUNK))
+        .for_each(|(((dg, du), (g, u)), d)| swiglu_backward_chunk(g, u, d, dg, du));
+    (d_gate, d_up)
+}
+
+multiversion! {
+    /// Rotary embedding of the heads of one position, `x: [heads, dim]`, with that
+    /// position's `cos` and `sin` rows (`[dim]`): `x ⊙ cos + rotate_half(x) ⊙ sin`, where
+    /// `rotate_half([x1, x2]) = [-x2, x1]`. With `inverse`, the transpose (the backward):
+    /// `x ⊙ cos + rotate_halfᵀ(x ⊙ sin)`, `rotate_halfᵀ([y1, y2]) = [y2, -y1]`.
+    fn rope_position(x: &[f32], cos: &[f32], sin: &[f32], inverse: bool, out: &mut [f32]) {
+        let half = cos.len() / 2;
+        let (c1, c2) = cos.split_at(half);
+        let (s1, s2) = sin.split_at(half);
+        for (x, o) in x.chunks_exact(cos.len()).zip(out.chunks_exact_mut(cos.len())) {
+            let (x1, x2) = x.split_at(half);
+            let (o1, o2) = o.split_at_mut(half);
+            if inverse {
+                for i in 0..half {
+                    o1[i] = x1[i] * c1[i] + x2[i] * s2[i];
+                    o2[i] = x2[i] * c2[i] - x1[i] * s1[i];
+                }
+            } else {
+                for i in 0..half {
+                    o1[i] = x1[i] * c1[i] - x2[i] * s1[i];
+                    o2[i] = x2[i] * c2[i] + x1[i] * s2[i];
+                }
+            }
+        }
+    }
+}
+
+/// Rotary embedding of `x: [batch, seq, heads, dim]` with tables `cos, sin: [seq, dim]`
+/// (see [`rope_position`]); `inverse` applies the transpose, which is the backward.
+pub fn rope(
+    x: &[f32],
+    cos: &[f32],
+    sin: &[f32],
+    [seq, heads, dim]: [usize; 3],
+    inverse: bool,
+) -> Vec<f32> {
+    let mut out = vec![0.0f32; x.len()];
+    let row = heads * dim;
+    // Positions per task: a few thousand elements each.
+    let per_task = (CHUNK / 8 / row.max(1)).max(1);
+    out.par_chunks_mut(row * per_task)
+        .zip(x.par_chunks(row * per_task))
+        .enumerate()
+        .for_each(|(task, (o, x))| {
+            for (j, (o, x)) in o.chunks_exact_mut(row).zip(x.chunks_exact(row)).enumerate() {
+                let t = (task * per_task + j) % seq;
+                let (c, s) = (&cos[t * dim..][..dim], &sin[t * dim..][..dim]);
+                rope_position(x, c, s, inverse, o);
+            }
+        });
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -135,6 +135,11 @@ impl<B: KilnBackend> Proj<B> {
     /// # Shapes
     /// - x: `[..., in]` -> `[..., out]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        // One 2-D matmul over all rows: a batched matmul against a broadcast weight would
+        // compute the weight's gradient per batch row and then sum the copies.
+        let dims = x.dims();
+        let inp = dims[D - 1];
+        let x = x.reshape([dims[..D - 1].iter().product::<usize>(), inp]);
         let mut y = match (&self.weight, &self.nf4) {
             (Some(w), _) => burn::tensor::module::linear(
                 x.clone(),
@@ -142,15 +147,9 @@ impl<B: KilnBackend> Proj<B> {
                 self.bias.as_ref().map(|b| b.val()),
             ),
             (None, Some(q)) => {
-                let dims = x.dims();
-                let inp = dims[D - 1];
-                let rows = x.shape().num_elements() / inp;
-                let flat = x.clone().reshape([rows, inp]).into_primitive().tensor();
+                let flat = x.clone().into_primitive().tensor();
                 let y =
                     Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(B::nf4_linear(flat, q)));
-                let mut out = dims;
-                out[D - 1] = q.shape[0];
-                let y = y.reshape(out);
                 match &self.bias {
                     Some(b) => y + b.val().unsqueeze(),
                     None => y,
@@ -165,7 +164,9 @@ impl<B: KilnBackend> Proj<B> {
             };
             y = y + b.forward(a.forward(x)).mul_scalar(self.scale);
         }
-        y
+        let mut out = dims;
+        out[D - 1] = y.dims()[1];
+        y.reshape(out)
     }
 
     /// The projection with its adapter merged into an f32 base (`W + A B * scale`, the base

@@ -49,13 +49,13 @@ use burn::module::{Module, Param};
 use burn::nn::{Embedding, Linear};
 use burn::prelude::*;
 use burn::tensor::TensorPrimitive;
-use burn::tensor::activation::{sigmoid, silu};
+use burn::tensor::activation::sigmoid;
 
 use kiln_recipe::{ConvgptSection, RopeLayers};
 
 use crate::KilnBackend;
 use crate::init::Init;
-use crate::ops::causal_depthwise;
+use crate::ops::{Dense, causal_depthwise};
 use crate::qwen2::{RmsNorm, Rope};
 
 pub mod hilbert;
@@ -321,7 +321,7 @@ impl<B: KilnBackend> ChunkMemory<B> {
         let [b, t, d] = x.dims();
         let device = x.device();
         let (h, e, c) = (self.num_heads, d / self.num_heads, self.chunk);
-        let split = |p: &Linear<B>| p.forward(x.clone()).reshape([b, t, h, e]);
+        let split = |p: &Linear<B>| p.dense(x.clone()).reshape([b, t, h, e]);
         let (mut q, mut k) = (split(&self.q_proj), split(&self.k_proj));
         if let (true, Some(r)) = (self.rope, rope) {
             q = r.apply(q);
@@ -404,7 +404,7 @@ impl<B: KilnBackend> ChunkMemory<B> {
             1.0 / (e as f64).sqrt(),
         ))); // [b*h, t, e]
         let out = out.reshape([b, h, t, e]).swap_dims(1, 2).reshape([b, t, d]);
-        (self.o_proj.forward(out), gathered)
+        (self.o_proj.dense(out), gathered)
     }
 }
 
@@ -478,15 +478,16 @@ impl<B: KilnBackend> ConvLayer<B> {
         let h2 = self.conv2d(h, ctx);
         let g = sigmoid(
             self.fuse
-                .forward(Tensor::cat(vec![h1.clone(), h2.clone()], 2)),
+                .dense(Tensor::cat(vec![h1.clone(), h2.clone()], 2)),
         );
         let fused = g.clone() * h1 + (g.neg().add_scalar(1.0)) * h2;
-        let x = x + self.out_proj.forward(fused);
+        let x = x + self.out_proj.dense(fused);
         let m = &self.mlp;
         let h = self.norm2.forward(x.clone());
-        let x = x + m
-            .down_proj
-            .forward(silu(m.gate_proj.forward(h.clone())) * m.up_proj.forward(h));
+        let x = x + m.down_proj.dense(crate::ops::swiglu(
+            m.gate_proj.dense(h.clone()),
+            m.up_proj.dense(h),
+        ));
         match &self.memory {
             Some(mem) => {
                 let h = mem.norm.forward(x.clone());
@@ -564,7 +565,7 @@ impl<B: KilnBackend> ConvgptModel<B> {
     pub fn logits(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let x = self.norm.forward(x);
         match &self.lm_head {
-            Some(head) => head.forward(x),
+            Some(head) => head.dense(x),
             None => {
                 let [b, t, d] = x.dims();
                 let w = self.embed_tokens.weight.val();

@@ -43,6 +43,7 @@ use burn::tensor::activation::{relu, softplus};
 
 use crate::KilnBackend;
 use crate::init::Init;
+use crate::ops::Dense;
 
 /// BlackHoleRoPE's learned Fourier perturbation of the rotary angles.
 #[derive(Module, Debug)]
@@ -278,13 +279,13 @@ impl<B: KilnBackend> MetricAttention<B> {
     ) -> (Tensor<B, 3>, Geometry<B>) {
         let [b, t, _] = x.dims();
         let (h, kvh, e) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x.clone()).reshape([b, t, h, e]); // [b, t, h, e]
-        let k = self.k_proj.forward(x.clone()).reshape([b, t, kvh, e]); // [b, t, kvh, e]
-        let v = self.v_proj.forward(x.clone()).reshape([b, t, kvh, e]); // [b, t, kvh, e]
+        let q = self.q_proj.dense(x.clone()).reshape([b, t, h, e]); // [b, t, h, e]
+        let k = self.k_proj.dense(x.clone()).reshape([b, t, kvh, e]); // [b, t, kvh, e]
+        let v = self.v_proj.dense(x.clone()).reshape([b, t, kvh, e]); // [b, t, kvh, e]
         // Bounded energy gate on the values: 1 + beta * tanh(x w), in [1 - beta, 1 + beta].
         let gate = self
             .energy
-            .forward(x)
+            .dense(x)
             .tanh()
             .mul_scalar(self.energy_beta)
             .add_scalar(1.0)
@@ -324,7 +325,7 @@ impl<B: KilnBackend> MetricAttention<B> {
             1.0,
         ))); // [b, h, t, e]
         let out = out.swap_dims(1, 2).reshape([b, t, h * e]);
-        (self.o_proj.forward(out), Geometry { q, k, s })
+        (self.o_proj.dense(out), Geometry { q, k, s })
     }
 }
 

@@ -51,7 +51,7 @@ use burn::tensor::activation::{sigmoid, silu, softmax};
 use kiln_recipe::MoaSection;
 
 use crate::init::Init;
-use crate::ops::causal_depthwise;
+use crate::ops::{Dense, causal_depthwise};
 use crate::qwen2::RmsNorm;
 use crate::{Aux, KilnBackend};
 
@@ -388,7 +388,7 @@ impl<B: KilnBackend> CausalConv<B> {
     /// - x: `[batch, seq, hidden]` -> `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         self.proj
-            .forward(silu(causal_depthwise(x, self.weight.val())))
+            .dense(silu(causal_depthwise(x, self.weight.val())))
     }
 }
 
@@ -407,8 +407,8 @@ impl<B: KilnBackend> ChannelMix<B> {
     /// # Shapes
     /// - x: `[batch, seq, hidden]` -> `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let g = sigmoid(self.gate.forward(x.clone()));
-        self.out.forward(g * self.value.forward(x))
+        let g = sigmoid(self.gate.dense(x.clone()));
+        self.out.dense(g * self.value.dense(x))
     }
 }
 
@@ -559,7 +559,7 @@ impl<B: KilnBackend> MoaBlock<B> {
         let training = B::ad_enabled(&x.device());
         let h = self.norm1.forward(x.clone());
         let m = &self.moa;
-        let routing = route(m.router.forward(h.clone()), self.top_k);
+        let routing = route(m.router.dense(h.clone()), self.top_k);
         let (attn, g1) = m.attn.forward(h.clone(), tables);
         let (mqa, g2) = m.mqa.forward(h.clone(), tables);
         let gates = sigmoid(m.gates.val()).mul_scalar(2.0); // [4, d]
@@ -583,14 +583,15 @@ impl<B: KilnBackend> MoaBlock<B> {
 
         let f = &self.ffn;
         let h = self.norm2.forward(x.clone());
-        let ffn_routing = route(f.router.forward(h.clone()), self.top_k.min(3));
+        let ffn_routing = route(f.router.dense(h.clone()), self.top_k.min(3));
         let s = &f.swiglu;
-        let swiglu = s
-            .down_proj
-            .forward(silu(s.gate_proj.forward(h.clone())) * s.up_proj.forward(h.clone()));
+        let swiglu = s.down_proj.dense(crate::ops::swiglu(
+            s.gate_proj.dense(h.clone()),
+            s.up_proj.dense(h.clone()),
+        ));
         let lr = &f.lowrank;
         let lowrank =
-            lr.b.forward(silu(lr.a.forward(h.clone())) * sigmoid(lr.g.forward(h.clone())));
+            lr.b.dense(silu(lr.a.dense(h.clone())) * sigmoid(lr.g.dense(h.clone())));
         let outs = vec![swiglu, f.conv.forward(h), lowrank];
         let x = x + self.drop(combine(outs, &ffn_routing.weights));
         aux.stats

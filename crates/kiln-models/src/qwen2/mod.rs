@@ -21,7 +21,6 @@ use crate::KilnBackend;
 use crate::lora::Proj;
 use burn::prelude::*;
 use burn::tensor::TensorPrimitive;
-use burn::tensor::activation::silu;
 
 use std::ops::Range;
 
@@ -196,8 +195,9 @@ impl<B: KilnBackend> Mlp<B> {
     /// # Shapes
     /// - x: `[batch, seq, hidden]` -> `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate.mul(self.up_proj.forward(x)))
+        let gate = self.gate_proj.forward(x.clone());
+        self.down_proj
+            .forward(crate::ops::swiglu(gate, self.up_proj.forward(x)))
     }
 }
 
@@ -430,14 +430,18 @@ impl<B: KilnBackend> Qwen2ForCausalLM<B> {
     /// # Shapes
     /// - x: `[batch, seq, hidden]` -> `[batch, seq, vocab]`
     pub fn logits(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let x = self.model.norm.forward(x);
-        match &self.lm_head {
+        let [b, t, d] = x.dims();
+        // One 2-D matmul over all positions (see `Proj::forward`).
+        let x = self.model.norm.forward(x).reshape([b * t, d]);
+        let logits = match &self.lm_head {
             Some(head) => head.forward(x),
             None => {
                 let w = self.model.embed_tokens.weight.val().transpose(); // [hidden, vocab]
-                x.matmul(w.unsqueeze::<3>())
+                x.matmul(w)
             }
-        }
+        };
+        let v = logits.dims()[1];
+        logits.reshape([b, t, v])
     }
 }
 
@@ -534,14 +538,11 @@ impl<B: KilnBackend> Rope<B> {
     /// # Shapes
     /// - x: `[batch, seq, heads, head_dim]` -> same
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let [_, t, _, d] = x.dims();
-        let half = d / 2;
-        let x1 = x.clone().narrow(3, 0, half);
-        let x2 = x.clone().narrow(3, half, half);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        let cos = self.cos.clone().reshape([1, t, 1, d]);
-        let sin = self.sin.clone().reshape([1, t, 1, d]);
-        x.mul(cos) + rotated.mul(sin)
+        Tensor::from_primitive(TensorPrimitive::Float(B::kiln_rope(
+            x.into_primitive().tensor(),
+            self.cos.clone().into_primitive().tensor(),
+            self.sin.clone().into_primitive().tensor(),
+        )))
     }
 }
 
