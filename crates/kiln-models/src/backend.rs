@@ -152,6 +152,24 @@ pub trait KilnBackend: Backend {
         tensor_ops_rope::<Self>(d_out, cos, sin, true)
     }
 
+    /// Causal depthwise convolution of `x: [batch, seq, channels]` with `w: [channels,
+    /// kernel]`, the last tap on the current token (see [`crate::ops::causal_depthwise`]).
+    fn kiln_causal_depthwise(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        crate::ops::causal_depthwise_tensor_ops(float::<Self, 3>(x), float::<Self, 2>(w))
+            .into_primitive()
+            .tensor()
+    }
+
+    /// The gradients `[dx, dw]` of [`Self::kiln_causal_depthwise`] given its output's
+    /// gradient.
+    fn kiln_causal_depthwise_backward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        d_out: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 2] {
+        tensor_ops_causal_depthwise_backward::<Self>(x, w, d_out)
+    }
+
     /// `x · dequant(w)ᵀ` for `x: [n, in]` and an NF4 weight of Hugging Face shape
     /// `[out, in]`; returns `[n, out]`.
     fn nf4_linear(x: FloatTensor<Self>, w: &Arc<Nf4Tensor>) -> FloatTensor<Self> {
@@ -405,6 +423,42 @@ fn tensor_ops_rope<B: Backend>(
     out.into_primitive().tensor()
 }
 
+/// [`KilnBackend::kiln_causal_depthwise_backward`] in tensor ops: `dx` is the
+/// convolution of `d_out` read backwards in time (an anti-causal one), and tap `j` of `dw`
+/// sums `d_out ⊙ x` shifted by `kernel - 1 - j` positions.
+fn tensor_ops_causal_depthwise_backward<B: Backend>(
+    x: FloatTensor<B>,
+    w: FloatTensor<B>,
+    d_out: FloatTensor<B>,
+) -> [FloatTensor<B>; 2] {
+    let (x, w, d) = (float::<B, 3>(x), float::<B, 2>(w), float::<B, 3>(d_out));
+    let [b, t, c] = x.dims();
+    let k = w.dims()[1];
+    let mut dx = x.zeros_like();
+    let mut taps = Vec::with_capacity(k);
+    for j in 0..k {
+        let shift = k - 1 - j; // out[s + shift] reads x[s] through tap j
+        if shift >= t {
+            taps.push(Tensor::<B, 2>::zeros([c, 1], &x.device()));
+            continue;
+        }
+        let d_part = d.clone().narrow(1, shift, t - shift); // [b, t - shift, c]
+        let x_part = x.clone().narrow(1, 0, t - shift);
+        let tap = w.clone().narrow(1, j, 1).reshape([1, 1, c]);
+        let contribution = d_part.clone() * tap;
+        dx = dx
+            + Tensor::cat(
+                vec![contribution, Tensor::zeros([b, shift, c], &x.device())],
+                1,
+            );
+        taps.push((d_part * x_part).sum_dim(0).sum_dim(1).reshape([c, 1]));
+    }
+    [
+        dx.into_primitive().tensor(),
+        Tensor::cat(taps, 1).into_primitive().tensor(),
+    ]
+}
+
 /// The ids of an int Flex tensor.
 fn host_ids(ids: FlexTensor) -> Vec<i64> {
     ids.into_data()
@@ -603,6 +657,44 @@ impl KilnBackend for burn::backend::Flex {
         flex_rope(x, cos, sin, false)
     }
 
+    fn kiln_causal_depthwise(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        match (contiguous_f32(&x), contiguous_f32(&w)) {
+            (Some(xc), Some(wc)) => {
+                let shape = xc.layout().shape().clone();
+                let dims = [shape[1], shape[2], wc.layout().shape()[1]];
+                let out = cpu::causal_depthwise(xc.as_f32(), wc.as_f32(), dims);
+                FlexTensor::from_data(TensorData::new(out, shape))
+            }
+            _ => crate::ops::causal_depthwise_tensor_ops(float::<Self, 3>(x), float::<Self, 2>(w))
+                .into_primitive()
+                .tensor(),
+        }
+    }
+
+    fn kiln_causal_depthwise_backward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        d_out: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 2] {
+        match (
+            contiguous_f32(&x),
+            contiguous_f32(&w),
+            contiguous_f32(&d_out),
+        ) {
+            (Some(xc), Some(wc), Some(d)) => {
+                let (x_shape, w_shape) = (xc.layout().shape().clone(), wc.layout().shape().clone());
+                let dims = [x_shape[1], x_shape[2], w_shape[1]];
+                let (dx, dw) =
+                    cpu::causal_depthwise_backward(xc.as_f32(), wc.as_f32(), d.as_f32(), dims);
+                [
+                    FlexTensor::from_data(TensorData::new(dx, x_shape)),
+                    FlexTensor::from_data(TensorData::new(dw, w_shape)),
+                ]
+            }
+            _ => tensor_ops_causal_depthwise_backward::<Self>(x, w, d_out),
+        }
+    }
+
     fn kiln_rope_backward(
         d_out: FloatTensor<Self>,
         cos: FloatTensor<Self>,
@@ -729,6 +821,26 @@ impl<B: KilnBackend> Backward<B, 2> for SwigluBackward {
         let (gate, up) = ops.state;
         let [d_gate, d_up] = B::kiln_swiglu_backward(gate, up, d_out);
         for (node, grad) in [(node_gate, d_gate), (node_up, d_up)] {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, grad);
+            }
+        }
+    }
+}
+
+/// The backward of [`KilnBackend::kiln_causal_depthwise`].
+#[derive(Debug)]
+struct CausalDepthwiseBackward;
+
+impl<B: KilnBackend> Backward<B, 2> for CausalDepthwiseBackward {
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_w] = ops.parents;
+        let d_out = grads.consume::<B>(&ops.node);
+        let (x, w) = ops.state;
+        let [dx, dw] = B::kiln_causal_depthwise_backward(x, w, d_out);
+        for (node, grad) in [(node_x, dx), (node_w, dw)] {
             if let Some(node) = node {
                 grads.register::<B>(node.id, grad);
             }
@@ -956,6 +1068,18 @@ impl<B: KilnBackend, C: CheckpointStrategy> KilnBackend for Autodiff<B, C> {
             .stateful()
         {
             OpsKind::Tracked(prep) => prep.finish((gate.primitive, up.primitive), output),
+            OpsKind::UnTracked(prep) => prep.finish(output),
+        }
+    }
+
+    fn kiln_causal_depthwise(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        let output = B::kiln_causal_depthwise(x.primitive.clone(), w.primitive.clone());
+        match CausalDepthwiseBackward
+            .prepare::<C>([x.node, w.node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((x.primitive, w.primitive), output),
             OpsKind::UnTracked(prep) => prep.finish(output),
         }
     }
@@ -1282,6 +1406,59 @@ mod tests {
         let (kiln, plain) = (rope(true), rope(false));
         kiln.0.assert_approx_eq::<f32>(&plain.0, tol);
         kiln.1.assert_approx_eq::<f32>(&plain.1, tol);
+    }
+
+    #[test]
+    fn causal_depthwise_op_and_its_backward_match_shifted_tensor_ops() {
+        for (seq, kernel) in [(9, 4), (3, 5), (17, 1)] {
+            causal_depthwise_matches::<Autodiff<Flex>>(seq, kernel);
+            causal_depthwise_matches::<Autodiff<burn::backend::NdArray>>(seq, kernel);
+        }
+    }
+
+    /// [`crate::ops::causal_depthwise`] (the backend op) against the same convolution in
+    /// tensor ops differentiated by Burn, for `batch 3 x seq x 21 channels`.
+    fn causal_depthwise_matches<A: KilnAutodiffBackend>(seq: usize, kernel: usize) {
+        let device = Default::default();
+        let channels = 21; // not a multiple of the vector width
+        let x_values: Vec<f32> = (0..3 * seq * channels)
+            .map(|i| ((i as f32) * 0.37).sin())
+            .collect();
+        let w_values: Vec<f32> = (0..channels * kernel)
+            .map(|i| ((i as f32) * 0.53).cos())
+            .collect();
+        let up_values: Vec<f32> = (0..3 * seq * channels)
+            .map(|i| ((i as f32) * 0.19).sin())
+            .collect();
+        let up = Tensor::<A, 3>::from_data(TensorData::new(up_values, [3, seq, channels]), &device);
+        let run = |kiln: bool| {
+            let x = Tensor::<A, 3>::from_data(
+                TensorData::new(x_values.clone(), [3, seq, channels]),
+                &device,
+            )
+            .require_grad();
+            let w = Tensor::<A, 2>::from_data(
+                TensorData::new(w_values.clone(), [channels, kernel]),
+                &device,
+            )
+            .require_grad();
+            let out = if kiln {
+                crate::ops::causal_depthwise(x.clone(), w.clone())
+            } else {
+                crate::ops::causal_depthwise_tensor_ops(x.clone(), w.clone())
+            };
+            let grads = (out.clone() * up.clone()).sum().backward();
+            (
+                out.into_data(),
+                x.grad(&grads).expect("dx").into_data(),
+                w.grad(&grads).expect("dw").into_data(),
+            )
+        };
+        let (kiln, plain) = (run(true), run(false));
+        let tol = burn::tensor::Tolerance::<f32>::absolute(1e-4);
+        kiln.0.assert_approx_eq::<f32>(&plain.0, tol);
+        kiln.1.assert_approx_eq::<f32>(&plain.1, tol);
+        kiln.2.assert_approx_eq::<f32>(&plain.2, tol);
     }
 
     /// [`KilnBackend::kiln_attention`] and its backward against `softmax(q kᵀ · scale +

@@ -41,12 +41,43 @@ pub fn swiglu<B: KilnBackend, const D: usize>(
     )))
 }
 
-/// Causal depthwise convolution: output `t` sees inputs `t - kernel + 1 ..= t`.
+/// `x * w` for per-head weights `w: [heads, width]` broadcast over batch and positions
+/// of `x: [batch, seq, heads, width]`. Written as a product of `[batch * seq, heads *
+/// width]` rows with one shared row, the broadcast the CPU backend vectorizes (it walks a
+/// `[1, 1, heads, width]` broadcast element by element).
+pub fn scale_heads<B: Backend>(x: Tensor<B, 4>, w: Tensor<B, 2>) -> Tensor<B, 4> {
+    let [b, t, h, e] = x.dims();
+    (x.reshape([b * t, h * e]) * w.reshape([1, h * e])).reshape([b, t, h, e])
+}
+
+/// `x * table` for a per-position `table: [seq, width]` broadcast over batch and heads of
+/// `x: [batch, seq, heads, width]`: the table is repeated over the heads (a copy of one
+/// batch row's size) so that the product is the vectorized shared-row broadcast.
+pub fn scale_positions<B: Backend>(x: Tensor<B, 4>, table: Tensor<B, 2>) -> Tensor<B, 4> {
+    let [b, t, h, e] = x.dims();
+    let per_head = table.reshape([t, 1, e]).repeat_dim(1, h); // [t, h, e]
+    (x.reshape([b, t * h * e]) * per_head.reshape([1, t * h * e])).reshape([b, t, h, e])
+}
+
+/// Causal depthwise convolution (one backend op, [`KilnBackend::kiln_causal_depthwise`]):
+/// output `t` sees inputs `t - kernel + 1 ..= t`.
 ///
 /// # Shapes
 /// - x: `[batch, seq, channels]`; weight: `[channels, kernel]`, the last tap on the current
 ///   token -> `[batch, seq, channels]`
-pub fn causal_depthwise<B: Backend>(x: Tensor<B, 3>, weight: Tensor<B, 2>) -> Tensor<B, 3> {
+pub fn causal_depthwise<B: KilnBackend>(x: Tensor<B, 3>, weight: Tensor<B, 2>) -> Tensor<B, 3> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::kiln_causal_depthwise(
+        x.into_primitive().tensor(),
+        weight.into_primitive().tensor(),
+    )))
+}
+
+/// [`causal_depthwise`] in tensor ops, one shifted product per tap: the default of
+/// [`KilnBackend::kiln_causal_depthwise`].
+pub fn causal_depthwise_tensor_ops<B: Backend>(
+    x: Tensor<B, 3>,
+    weight: Tensor<B, 2>,
+) -> Tensor<B, 3> {
     let [b, t, c] = x.dims();
     let k = weight.dims()[1];
     let padded = if k > 1 {

@@ -43,7 +43,7 @@ use burn::tensor::activation::{relu, softplus};
 
 use crate::KilnBackend;
 use crate::init::Init;
-use crate::ops::Dense;
+use crate::ops::{Dense, scale_heads, scale_positions};
 
 /// BlackHoleRoPE's learned Fourier perturbation of the rotary angles.
 #[derive(Module, Debug)]
@@ -72,21 +72,19 @@ impl<B: KilnBackend> BlackHoleRope<B> {
 /// # Shapes
 /// - x: `[batch, seq, heads, head_dim]`; cos, sin: `[seq, head_dim / 2]`
 fn rotate<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 4> {
-    let [b, t, h, e] = x.dims();
+    let e = x.dims()[3];
     let half = e / 2;
-    let c = cos.clone().reshape([1, t, 1, half]);
-    let s = sin.clone().reshape([1, t, 1, half]);
-    let x1 = x.clone().narrow(3, 0, half);
-    let x2 = x.narrow(3, half, half);
-    let out = Tensor::cat(
+    // [x1, x2] -> [x1 c - x2 s, x2 c + x1 s] = [x1, x2] * [c, c] + [x2, x1] * [-s, s].
+    let swapped = Tensor::cat(
         vec![
-            x1.clone() * c.clone() - x2.clone() * s.clone(),
-            x1 * s + x2 * c,
+            x.clone().narrow(3, half, half),
+            x.clone().narrow(3, 0, half),
         ],
         3,
     );
-    debug_assert_eq!(out.dims(), [b, t, h, e]);
-    out
+    let c = Tensor::cat(vec![cos.clone(), cos.clone()], 1); // [t, e]
+    let s = Tensor::cat(vec![sin.clone().neg(), sin.clone()], 1); // [t, e]
+    scale_positions(x, c) + scale_positions(swapped, s)
 }
 
 /// What every metric attention of a forward pass shares.
@@ -294,10 +292,20 @@ impl<B: KilnBackend> MetricAttention<B> {
 
         // Ball penalty per query head on the key before rotation: sharpness * relu(|k - o| - r).
         let pen = (self.ball_sharpness > 0.0).then(|| {
-            let o = self.origin.val().reshape([1, 1, h, e]);
-            let dist = (k.clone() - o).square().sum_dim(3).add_scalar(1e-6).sqrt(); // [b, t, h, 1]
-            let r = softplus(self.radius.val(), 1.0).reshape([1, 1, h, 1]);
-            relu(dist - r).mul_scalar(self.ball_sharpness) // [b, t, h, 1]
+            // Rows of [b * t, h * e] against one shared row: the broadcast Flex vectorizes.
+            // A shared key head (kvh = 1) is measured against every query head's ball.
+            let k_heads = if kvh == h {
+                k.clone()
+            } else {
+                k.clone().repeat_dim(2, h / kvh)
+            };
+            let o = self.origin.val().reshape([1, h * e]);
+            let centred = (k_heads.reshape([b * t, h * e]) - o).reshape([b, t, h, e]);
+            let dist = centred.square().sum_dim(3).add_scalar(1e-6).sqrt(); // [b, t, h, 1]
+            let r = softplus(self.radius.val(), 1.0).reshape([1, h]);
+            relu(dist.reshape([b * t, h]) - r)
+                .mul_scalar(self.ball_sharpness)
+                .reshape([b, t, h, 1])
         });
 
         let (cos, sin) = match &self.rope {
@@ -343,17 +351,17 @@ pub fn augment<B: Backend>(
     alpha: Tensor<B, 1>,
     pen: Option<Tensor<B, 4>>,
 ) -> (Tensor<B, 4>, Tensor<B, 4>) {
-    let [b, t, h, e] = q.dims();
-    let s4 = s.reshape([1, 1, h, e]);
-    let a4 = alpha.reshape([1, 1, h, 1]);
+    let [b, t, h, _] = q.dims();
+    // 2 alpha_h s_h, and alpha_h s_h, per head and dimension.
+    let a = alpha.reshape([h, 1]);
     let q_aug = Tensor::cat(
         vec![
-            q.clone() * s4.clone() * a4.clone().mul_scalar(2.0),
+            scale_heads(q.clone(), s.clone() * a.clone().mul_scalar(2.0)),
             Tensor::<B, 4>::ones([b, t, h, 1], &q.device()).neg(),
         ],
         3,
     );
-    let norm = (k.clone().square() * s4).sum_dim(3) * a4; // [b, t, h, 1]
+    let norm = scale_heads(k.clone().square(), s * a).sum_dim(3); // [b, t, h, 1]
     let last = match pen {
         Some(p) => norm + p,
         None => norm,
