@@ -41,6 +41,28 @@ pub fn swiglu<B: KilnBackend, const D: usize>(
     )))
 }
 
+/// RMSNorm over the last axis, `x / sqrt(mean(x²) + eps) * weight`, as one backend op
+/// ([`KilnBackend::kiln_rms_norm`]): a host kernel on the CPU backend, whose backward
+/// recomputes each row's scale instead of keeping the normalized activations.
+///
+/// # Shapes
+/// - x: `[..., width]`; weight: `[width]` -> the shape of `x`
+pub fn rms_norm<B: KilnBackend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 1>,
+    eps: f64,
+) -> Tensor<B, D> {
+    let dims = x.dims();
+    let width = dims[D - 1];
+    let rows = dims[..D - 1].iter().product::<usize>();
+    let y = B::kiln_rms_norm(
+        x.reshape([rows, width]).into_primitive().tensor(),
+        weight.into_primitive().tensor(),
+        eps,
+    );
+    Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(y)).reshape(dims)
+}
+
 /// `x * w` for per-head weights `w: [heads, width]` broadcast over batch and positions
 /// of `x: [batch, seq, heads, width]`. Written as a product of `[batch * seq, heads *
 /// width]` rows with one shared row, the broadcast the CPU backend vectorizes (it walks a

@@ -49,8 +49,7 @@ impl<B: KilnBackend> RmsNorm<B> {
     /// # Shapes
     /// - x: `[batch, seq, hidden]` -> `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let rms = x.clone().square().mean_dim(2).add_scalar(self.eps).sqrt(); // [batch, seq, 1]
-        x.div(rms).mul(self.weight.val().unsqueeze::<3>())
+        crate::ops::rms_norm(x, self.weight.val(), self.eps)
     }
 }
 
