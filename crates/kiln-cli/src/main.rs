@@ -166,6 +166,15 @@ enum Command {
         #[arg(long, value_name = "N")]
         stop_after: Option<u64>,
     },
+    /// Run the global orchestrator of data-parallel runs (`[distributed]`): the processes
+    /// of a run meet through it. Start it before them, and afresh for every run (it keeps
+    /// a crashed run's registrations); it serves until interrupted.
+    Orchestrator {
+        /// Port to listen on (all interfaces); the recipes' `distributed.orchestrator` is
+        /// `this-host:PORT`.
+        #[arg(long, default_value_t = 7300)]
+        port: u16,
+    },
     /// Evaluate a checkpoint on the recipe's held-out data (JSON on stdout), or with
     /// --tool-calls by what it generates for a chat test set.
     Eval {
@@ -371,7 +380,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let mut loaded = kiln_recipe::load(&recipe, &set)?;
             print_warnings(&loaded);
             resolve_epochs(&mut loaded)?;
-            let run = RunDir::create(&loaded.recipe, overwrite)?;
+            let run = match peer_rank(&loaded.recipe)? {
+                // A data-parallel process other than the leader logs into a directory of
+                // its own beside the run's, which the leader alone creates and writes.
+                Some(rank) if rank > 0 => {
+                    let shared =
+                        Path::new(&loaded.recipe.run.out_dir).join(&loaded.recipe.run.name);
+                    RunDir::create_at(&peer_dir(&shared, rank), &loaded.recipe, overwrite)?
+                }
+                _ => RunDir::create(&loaded.recipe, overwrite)?,
+            };
             eprintln!(
                 "training `{}` ({} on {}) into {}",
                 recipe.display(),
@@ -387,10 +405,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
             allow_recipe_change,
             stop_after,
         } => {
-            let run = RunDir::open(&run_dir)?;
-            let loaded = run.load_recipe(&set)?;
+            let shared = RunDir::open(&run_dir)?;
+            let loaded = shared.load_recipe(&set)?;
             print_warnings(&loaded);
-            for removed in remove_stale_temporaries(&run_dir) {
+            let rank = peer_rank(&loaded.recipe)?.unwrap_or(0);
+            let run = if rank > 0 {
+                RunDir::open_or_create(&peer_dir(&run_dir, rank), &loaded.recipe)?
+            } else {
+                shared
+            };
+            // Only the leader tidies the shared directory.
+            let stale = if rank == 0 {
+                remove_stale_temporaries(&run_dir)
+            } else {
+                Vec::new()
+            };
+            for removed in stale {
                 eprintln!(
                     "removed an unfinished checkpoint write: {}",
                     removed.display()
@@ -404,7 +434,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let saved =
                     kiln_recipe::from_str(&ckpt.recipe_toml, &ckpt.dir.join("recipe.toml"), &[])
                         .context("reading the checkpoint's recipe")?;
-                let changes = diff_keys(&saved.recipe, &loaded.recipe);
+                // The keys each process of a data-parallel run sets for itself are no change.
+                let changes: Vec<String> = diff_keys(&saved.recipe, &loaded.recipe)
+                    .into_iter()
+                    .filter(|k| {
+                        ![
+                            "distributed.rank",
+                            "distributed.host",
+                            "distributed.data_port",
+                            "distributed.orchestrator",
+                        ]
+                        .iter()
+                        .any(|p| k.starts_with(p))
+                    })
+                    .collect();
                 if !changes.is_empty() {
                     if !allow_recipe_change {
                         bail!(
@@ -427,6 +470,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             run.write_recipe(&loaded.recipe)?;
             train(loaded.recipe, run, checkpoint, stop_after)
+        }
+        Command::Orchestrator { port } => {
+            eprintln!(
+                "orchestrator listening on 0.0.0.0:{port}; start the processes with distributed.orchestrator = \"<this host>:{port}\" (Ctrl-C stops it)"
+            );
+            kiln_train::distributed::run_orchestrator(port)?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Eval {
             run_dir,
@@ -837,6 +887,20 @@ impl Job for EvalJob<'_> {
     }
 }
 
+/// This process's rank when the recipe trains data-parallel.
+fn peer_rank(recipe: &Recipe) -> Result<Option<u32>> {
+    Ok(kiln_train::distributed::Topology::of(recipe)?.map(|t| t.rank))
+}
+
+/// The directory a data-parallel process of rank `rank > 0` logs into, beside the run's.
+fn peer_dir(run: &Path, rank: u32) -> PathBuf {
+    let name = run
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    run.with_file_name(format!("{name}.rank-{rank}"))
+}
+
 fn train(
     recipe: Recipe,
     run: RunDir,
@@ -852,8 +916,18 @@ fn train(
         signal_hook::flag::register(signal, Arc::clone(&stop))
             .context("installing the signal handler")?;
     }
-    let outcome = dispatch(
-        &recipe,
+    // Data parallel on CUDA, each process of a machine takes its own device (unless the
+    // recipe names one).
+    let device = match &recipe.distributed {
+        Some(d) if recipe.run.device == "cuda" => format!(
+            "cuda:{}",
+            peer_rank(&recipe)?.unwrap_or(0) % d.devices_per_node.max(1)
+        ),
+        _ => recipe.run.device.clone(),
+    };
+    let outcome = backend::dispatch_on(
+        recipe.run.backend,
+        &device,
         TrainJob {
             recipe: &recipe,
             run: &run,

@@ -211,6 +211,20 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// The sequences `range` of the batch (clamped to it), as a batch of their own.
+    pub fn rows(&self, range: std::ops::Range<usize>) -> Batch {
+        let end = range.end.min(self.batch_size);
+        let start = range.start.min(end);
+        let span = start * self.window..end * self.window;
+        Batch {
+            batch_size: end - start,
+            window: self.window,
+            inputs: self.inputs[span.clone()].to_vec(),
+            targets: self.targets[span.clone()].to_vec(),
+            mask: self.mask[span].to_vec(),
+        }
+    }
+
     /// Positions that count in the loss.
     pub fn trained_tokens(&self) -> usize {
         self.mask.iter().filter(|m| **m > 0.0).count()
@@ -406,6 +420,19 @@ impl DataPipeline {
     /// source of the phase has stopped (`on_exhausted = "stop"`). A batch drawn as the last
     /// source stops may be short.
     pub fn next_batch(&self, phase_index: usize, cursor: &mut DataCursor) -> Option<Batch> {
+        let rows = self.recipe.phases[phase_index].batch_size;
+        self.next_batch_of(phase_index, cursor, rows)
+    }
+
+    /// [`Self::next_batch`] with `rows` windows instead of the phase's `batch_size`: the
+    /// global batch of a data-parallel step, which every process draws whole (so the
+    /// cursor stays the same on all of them) and then slices with [`Batch::rows`].
+    pub fn next_batch_of(
+        &self,
+        phase_index: usize,
+        cursor: &mut DataCursor,
+        rows: usize,
+    ) -> Option<Batch> {
         let phase = &self.recipe.phases[phase_index];
         let spec = WindowSpec {
             window: phase.window,
@@ -414,8 +441,8 @@ impl DataPipeline {
             pad: self.tokenizer.pad_id(),
         };
         let mut rng = SplitMix64::from_state(cursor.rng);
-        let mut windows = Vec::with_capacity(phase.batch_size);
-        for _ in 0..phase.batch_size {
+        let mut windows = Vec::with_capacity(rows);
+        for _ in 0..rows {
             let mixture: Vec<(usize, f64)> = phase
                 .sources
                 .iter()

@@ -192,6 +192,14 @@ impl Recipe {
         toml::to_string(self).expect("a recipe always serializes to TOML")
     }
 
+    /// Processes that train together (`[distributed]`'s `nodes x devices_per_node`; 1
+    /// without it): each step draws `world x batch_size` rows per micro-batch.
+    pub fn world(&self) -> u32 {
+        self.distributed
+            .as_ref()
+            .map_or(1, |d| d.nodes.max(1) * d.devices_per_node.max(1))
+    }
+
     /// SHA-256 of the canonical TOML, hex-encoded: identifies the recipe in checkpoints.
     pub fn hash(&self) -> String {
         hex(&Sha256::digest(self.to_toml().as_bytes()))
@@ -204,7 +212,7 @@ impl Recipe {
         &mut self,
         mut windows_per_pass: impl FnMut(usize) -> u64,
     ) -> Vec<(usize, u64, u64)> {
-        let accum = self.train.grad_accum.max(1) as u64;
+        let accum = self.train.grad_accum.max(1) as u64 * u64::from(self.world());
         let mut resolved = Vec::new();
         for (i, p) in self.phases.iter_mut().enumerate() {
             let Some(epochs) = p.epochs.take() else {

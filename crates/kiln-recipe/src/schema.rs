@@ -40,6 +40,73 @@ pub struct Recipe {
     /// statistics and router usage (DiscoverLM's method).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dream: Option<DreamSection>,
+    /// Data-parallel training over several processes (nodes), on Burn's collective engine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distributed: Option<DistributedSection>,
+}
+
+/// `[distributed]`: data-parallel training over `nodes x devices_per_node` processes, one
+/// per device (as torchrun launches them). Every process runs `kiln train` on the same
+/// recipe; each step draws one global batch of `world x batch_size` rows, and the process
+/// of rank `r` trains on its `r`-th slice. Gradients (and the step's loss and statistics)
+/// are summed over all processes through Burn's collective engine (`burn-collective`),
+/// whose global orchestrator `kiln orchestrator --port P` runs, so every process takes the
+/// same optimizer step. Rank 0 writes checkpoints, metrics and the status into the run
+/// directory, which all processes must see (a shared file system, or the same machine).
+///
+/// Keys a launcher sets per process can come from the environment instead:
+/// `KILN_RANK` (or torchrun's `RANK`) for `rank`, `KILN_ORCHESTRATOR` for `orchestrator`,
+/// `KILN_NODE_HOST` for `host` and `KILN_DATA_PORT` for `data_port`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DistributedSection {
+    /// Machines taking part.
+    #[serde(default = "default_one_u32")]
+    pub nodes: u32,
+    /// Processes per machine, one per device: global rank `node_rank x devices_per_node +
+    /// local_rank`, and a process uses device `rank % devices_per_node` of its machine.
+    #[serde(default = "default_one_u32")]
+    pub devices_per_node: u32,
+    /// This process's global rank, in `0..nodes x devices_per_node`.
+    #[serde(default)]
+    pub rank: u32,
+    /// `host:port` of the global orchestrator (`kiln orchestrator --port P`).
+    #[serde(default = "default_orchestrator")]
+    pub orchestrator: String,
+    /// Address the other processes reach this one at.
+    #[serde(default = "default_node_host")]
+    pub host: String,
+    /// Base port of the processes' tensor data services: the process of rank `r` listens
+    /// on `data_port + r % devices_per_node` (or `+ r` when every process runs on this
+    /// host, `host` being a loopback address).
+    #[serde(default = "default_data_port")]
+    pub data_port: u16,
+    /// All-reduce strategy across processes: `tree`, `ring` or `centralized`.
+    #[serde(default = "default_all_reduce")]
+    pub strategy: String,
+    /// Seconds to wait for every process to join a step's all-reduce before stopping with
+    /// an error (a dead or stuck peer); the first step also waits for the peers to start.
+    #[serde(default = "default_peer_timeout")]
+    pub timeout_s: f64,
+}
+
+fn default_one_u32() -> u32 {
+    1
+}
+fn default_orchestrator() -> String {
+    "127.0.0.1:7300".to_string()
+}
+fn default_node_host() -> String {
+    "127.0.0.1".to_string()
+}
+fn default_data_port() -> u16 {
+    7301
+}
+fn default_all_reduce() -> String {
+    "tree".to_string()
+}
+fn default_peer_timeout() -> f64 {
+    120.0
 }
 
 /// `[dream]`: every `every` steps, a consolidation cycle turns the recent gradient statistics

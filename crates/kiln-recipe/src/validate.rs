@@ -40,6 +40,7 @@ impl Recipe {
         self.validate_optim(&mut e);
         self.validate_adapter(&mut e);
         self.validate_dream(&mut e);
+        self.validate_distributed(&mut e);
         if e.list.is_empty() {
             Ok(())
         } else {
@@ -115,6 +116,49 @@ impl Recipe {
             }
         }
         e.list
+    }
+
+    fn validate_distributed(&self, e: &mut Errors<'_>) {
+        let Some(d) = &self.distributed else {
+            return;
+        };
+        e.check(d.nodes >= 1, "distributed.nodes", "must be at least 1");
+        e.check(
+            d.devices_per_node >= 1,
+            "distributed.devices_per_node",
+            "must be at least 1",
+        );
+        let world = d.nodes.max(1) * d.devices_per_node.max(1);
+        e.check(
+            d.rank < world,
+            "distributed.rank",
+            format!(
+                "{} is outside 0..{world} (nodes {} x devices_per_node {})",
+                d.rank, d.nodes, d.devices_per_node
+            ),
+        );
+        e.check(
+            matches!(d.strategy.as_str(), "tree" | "ring" | "centralized"),
+            "distributed.strategy",
+            format!("`{}` is not one of tree, ring, centralized", d.strategy),
+        );
+        e.check(
+            d.orchestrator
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()),
+            "distributed.orchestrator",
+            format!("`{}` is not `host:port`", d.orchestrator),
+        );
+        e.check(
+            d.timeout_s.is_finite() && d.timeout_s > 0.0,
+            "distributed.timeout_s",
+            format!("{} must be a positive number of seconds", d.timeout_s),
+        );
+        e.check(
+            self.dream.is_none(),
+            "distributed",
+            "dream consolidation reads each process's own router statistics, which would make the processes' optimizer steps differ: drop [dream] or [distributed]",
+        );
     }
 
     fn validate_dream(&self, e: &mut Errors<'_>) {

@@ -10,6 +10,7 @@
 //! terminal: progress goes to an [`Observer`].
 
 pub mod checkpoint;
+pub mod distributed;
 pub mod dream;
 pub mod loss;
 mod metrics;
@@ -65,6 +66,9 @@ pub enum TrainError {
     /// The run directory is in a state the command cannot use.
     #[error("{0}")]
     RunDir(String),
+    /// Data-parallel training failed: a peer died or hangs, or the processes disagree.
+    #[error("distributed: {0}")]
+    Distributed(String),
 }
 
 /// How a call to [`train`] ended.
@@ -112,6 +116,10 @@ pub struct StepMetrics {
     pub gflops: f64,
     /// Seconds this step took.
     pub step_time_s: f64,
+    /// Data parallel: seconds of the step spent in the all-reduce (waiting for the other
+    /// processes included).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allreduce_s: Option<f64>,
     /// Training seconds since the start of the run (all sessions).
     pub elapsed_s: f64,
     /// Per source: target tokens trained on since the start of the run (omitted with a

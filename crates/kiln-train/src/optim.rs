@@ -101,6 +101,11 @@ impl<IB: Backend> GradAccumulator<IB> {
         &self.grads
     }
 
+    /// Sets the gradient of parameter `name` (flattened).
+    pub fn insert(&mut self, name: String, grad: Tensor<IB, 1>) {
+        self.grads.insert(name, grad);
+    }
+
     /// Takes the summed gradients, leaving the accumulator empty.
     pub fn take(&mut self) -> BTreeMap<String, Tensor<IB, 1>> {
         std::mem::take(&mut self.grads)

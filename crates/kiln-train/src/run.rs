@@ -57,6 +57,21 @@ impl RunDir {
     /// first step, e.g. on a data error, is simply started again.)
     pub fn create(recipe: &Recipe, overwrite: bool) -> Result<Self, TrainError> {
         let path = Path::new(&recipe.run.out_dir).join(&recipe.run.name);
+        Self::create_at(&path, recipe, overwrite)
+    }
+
+    /// Opens the run directory at `path`, or creates it (as [`Self::create_at`]) when it
+    /// holds none.
+    pub fn open_or_create(path: &Path, recipe: &Recipe) -> Result<Self, TrainError> {
+        match Self::open(path) {
+            Ok(run) => Ok(run),
+            Err(_) => Self::create_at(path, recipe, false),
+        }
+    }
+
+    /// [`Self::create`] at `path` instead of the recipe's `run.out_dir/run.name`.
+    pub fn create_at(path: &Path, recipe: &Recipe, overwrite: bool) -> Result<Self, TrainError> {
+        let path = path.to_path_buf();
         let trained = path.join("checkpoints").exists()
             || fs::metadata(path.join("metrics.jsonl")).is_ok_and(|m| m.len() > 0);
         if trained || (overwrite && path.join(RESOLVED_RECIPE).exists()) {

@@ -12,6 +12,7 @@ use kiln_models::{Aux, KilnAutodiffBackend, KilnBackend, Model, ModelSpec, train
 use kiln_recipe::Recipe;
 
 use crate::checkpoint::{Checkpoint, TrainState, write_checkpoint};
+use crate::distributed::{self, Peer, StepSums, Topology};
 use crate::dream::Dream;
 use crate::loss::{input_tensor, masked_nll};
 use crate::metrics::MetricsLog;
@@ -176,6 +177,10 @@ pub fn train<B: KilnAutodiffBackend>(
     control: &Control<'_>,
 ) -> Result<Outcome, TrainError> {
     let started = Instant::now();
+    let mut peer = Topology::of(recipe)?.map(Peer::start).transpose()?;
+    // Without `[distributed]`, the one process is the leader.
+    let leader = peer.as_ref().is_none_or(|p| p.topology().is_leader());
+    let world = recipe.world() as usize;
     let spec = ModelSpec::from_recipe(recipe)?;
     let data = DataPipeline::with_log(recipe, spec.vocab_size(), &mut |m| {
         observer.event(Event::Info(m));
@@ -247,6 +252,41 @@ pub fn train<B: KilnAutodiffBackend>(
             trainable_params(&model).values().map(|t| t.values.len()).sum::<usize>(),
         )));
     }
+    // Every trainable parameter with its size, in name order: the layout of the gradients
+    // the processes of a data-parallel run sum.
+    let layout: Vec<(String, usize)> = match peer {
+        Some(_) => trainable_params(&model)
+            .into_iter()
+            .map(|(name, t)| (name, t.values.len()))
+            .collect(),
+        None => Vec::new(),
+    };
+    if let Some(peer) = peer.as_mut() {
+        let t = peer.topology().clone();
+        observer.event(Event::Info(format!(
+            "data parallel: rank {} of {}, waiting for the other processes (orchestrator {}, this process's data service {}:{})",
+            t.rank, t.world, t.orchestrator, t.host, t.data_port
+        )));
+        let params: usize = layout.iter().map(|(_, n)| n).sum();
+        let [a, b] = recipe_fingerprint(recipe);
+        peer.agree(
+            "the recipe, the starting step and the model's trainable parameters",
+            &[
+                a,
+                b,
+                state.step as u32,
+                (state.step >> 32) as u32,
+                layout.len() as u32,
+                params as u32,
+            ],
+        )?;
+        observer.event(Event::Info(format!(
+            "data parallel: all {} processes joined at step {}; each trains on {} of every global batch",
+            t.world,
+            state.step,
+            if t.world == 1 { "all".to_string() } else { format!("1/{}", t.world) }
+        )));
+    }
     // Rows past the starting step were written by a session that died before its next
     // checkpoint (or, starting from zero, before any): they are replayed, so drop them.
     let mut metrics = MetricsLog::open(run.path(), state.step)?;
@@ -263,6 +303,8 @@ pub fn train<B: KilnAutodiffBackend>(
         .iter()
         .filter(|r| r.get("kind").and_then(|k| k.as_str()) == Some("eval"))
         .filter_map(|r| Some((r.get("step")?.as_u64()?, r.get("eval_loss")?.as_f64()?)))
+        // Rows of steps past the checkpoint are replayed (and dropped from the file).
+        .filter(|(step, _)| *step <= state.step)
         .collect();
     // What each source gave this session: rows read, skipped and filtered, tokens.
     for src in data.sources() {
@@ -300,6 +342,10 @@ pub fn train<B: KilnAutodiffBackend>(
                       optim: &AdamW<B::InnerBackend>,
                       observer: &mut dyn Observer|
      -> Result<(), TrainError> {
+        if !leader {
+            // Every process holds the same state: the leader's checkpoint is everyone's.
+            return Ok(());
+        }
         let dir = write_checkpoint(
             run.path(),
             state.clone(),
@@ -363,10 +409,25 @@ pub fn train<B: KilnAutodiffBackend>(
             device,
             recipe.run.seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15),
         );
-        let batches: Vec<Batch> = (0..recipe.train.grad_accum)
-            .map_while(|_| data.next_batch(p, &mut state.cursor))
+        // Data parallel, every process draws the whole global batch (so the cursor stays
+        // the same everywhere) and trains on its own rows of it.
+        let global: Vec<Batch> = (0..recipe.train.grad_accum)
+            .map_while(|_| data.next_batch_of(p, &mut state.cursor, phase.batch_size * world))
             .collect();
-        if batches.is_empty() {
+        let trained: usize = global.iter().map(Batch::trained_tokens).sum();
+        let positions = global
+            .iter()
+            .map(|b| (b.batch_size * b.window) as u64)
+            .sum::<u64>();
+        let batches: Vec<Batch> = match &peer {
+            Some(peer) => global
+                .iter()
+                .map(|b| b.rows(peer.shard(b.batch_size)))
+                .filter(|b| b.batch_size > 0)
+                .collect(),
+            None => global,
+        };
+        if positions == 0 {
             // Every source of the phase has stopped (`on_exhausted = "stop"`): the phase
             // ends here, and the schedule moves on to the next phase's steps.
             observer.event(Event::Warn(format!(
@@ -376,13 +437,13 @@ pub fn train<B: KilnAutodiffBackend>(
             state.step = last;
             continue;
         }
-        let trained: usize = batches.iter().map(Batch::trained_tokens).sum();
         let denom = trained.max(1) as f64;
         let mut acc = GradAccumulator::<B::InnerBackend>::default();
         let mut loss_sum = 0.0;
         let mut aux_losses: BTreeMap<String, f64> = BTreeMap::new();
         let mut router_usage: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-        let accum = recipe.train.grad_accum as f64;
+        // Auxiliary losses are means over the micro-batches (and the processes).
+        let accum = (recipe.train.grad_accum * world) as f64;
         for (k, batch) in batches.iter().enumerate() {
             let (aux, stats) = if recipe.train.activation_checkpointing {
                 let seed = recipe.run.seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ k as u64;
@@ -422,6 +483,29 @@ pub fn train<B: KilnAutodiffBackend>(
                 }
             }
         }
+        let mut agreed_stop = None;
+        let reduced_before = peer.as_ref().map(Peer::reduce_seconds);
+        if let Some(peer) = peer.as_mut() {
+            let sums = StepSums {
+                loss: loss_sum,
+                aux: std::mem::take(&mut aux_losses),
+                usage: std::mem::take(&mut router_usage),
+                interrupted: control.stop.load(Ordering::SeqCst),
+                out_of_time: wall_limit.is_some_and(|w| started.elapsed() >= w)
+                    || control
+                        .stop_after_steps
+                        .is_some_and(|n| step - session_start_step >= n),
+            };
+            match distributed::reduce_step(peer, step, &layout, &mut acc, sums, device) {
+                Ok(r) => {
+                    loss_sum = r.loss;
+                    aux_losses = r.aux;
+                    router_usage = r.usage;
+                    agreed_stop = Some((r.interrupted, r.out_of_time));
+                }
+                Err(e) => return fail(run, step, e),
+            }
+        }
         if !loss_sum.is_finite() {
             return fail(
                 run,
@@ -459,10 +543,6 @@ pub fn train<B: KilnAutodiffBackend>(
             .unwrap_or_default();
         model = optim.step::<B, _>(model, acc.take(), lr, &multipliers);
 
-        let positions = batches
-            .iter()
-            .map(|b| (b.batch_size * b.window) as u64)
-            .sum::<u64>();
         let dt = t0.elapsed().as_secs_f64();
         state.step = step;
         state.tokens += positions;
@@ -482,6 +562,10 @@ pub fn train<B: KilnAutodiffBackend>(
             tokens_per_s,
             gflops: tokens_per_s * spec.flops_per_token(phase.window) / 1e9,
             step_time_s: dt,
+            allreduce_s: peer
+                .as_ref()
+                .zip(reduced_before)
+                .map(|(p, before)| p.reduce_seconds() - before),
             elapsed_s: state.elapsed_s,
             source_trained_tokens: if state.cursor.counts.len() > 1 {
                 state
@@ -550,11 +634,16 @@ pub fn train<B: KilnAutodiffBackend>(
         if finished {
             break;
         }
-        let stop_now = control.stop.load(Ordering::SeqCst);
-        let out_of_time = wall_limit.is_some_and(|w| started.elapsed() >= w)
-            || control
-                .stop_after_steps
-                .is_some_and(|n| step - session_start_step >= n);
+        // Data parallel, the processes stop together: on what any of them was asked.
+        let (stop_now, out_of_time) = agreed_stop.unwrap_or_else(|| {
+            (
+                control.stop.load(Ordering::SeqCst),
+                wall_limit.is_some_and(|w| started.elapsed() >= w)
+                    || control
+                        .stop_after_steps
+                        .is_some_and(|n| step - session_start_step >= n),
+            )
+        });
         if step % recipe.train.checkpoint_every == 0 || stop_now || out_of_time {
             checkpoint(&state, &model, &optim, observer)?;
         }
@@ -589,6 +678,13 @@ pub fn train<B: KilnAutodiffBackend>(
     }
     checkpoint(&state, &model, &optim, observer)?;
     run.write_status(RunStatus::Finished, state.step, None)?;
+    if let Some(peer) = &peer {
+        observer.event(Event::Info(format!(
+            "data parallel: {:.1} s of this session's {:.1} s in all-reduces (waiting for the other processes at the start included)",
+            peer.reduce_seconds(),
+            started.elapsed().as_secs_f64()
+        )));
+    }
     if let Some(peak) = peak_resident_bytes() {
         observer.event(Event::Info(format!(
             "peak resident memory: {:.1} MB",
@@ -596,6 +692,20 @@ pub fn train<B: KilnAutodiffBackend>(
         )));
     }
     Ok(Outcome::Finished)
+}
+
+/// Two 32-bit words of the recipe's hash, with the keys that differ between the processes
+/// of a data-parallel run (rank, host, data port) left out.
+fn recipe_fingerprint(recipe: &Recipe) -> [u32; 2] {
+    let mut r = recipe.clone();
+    if let Some(d) = r.distributed.as_mut() {
+        d.rank = 0;
+        d.host = String::new();
+        d.data_port = 0;
+    }
+    let hash = r.hash();
+    let word = |i: usize| u32::from_str_radix(&hash[i..i + 8], 16).unwrap_or(0);
+    [word(0), word(8)]
 }
 
 /// One micro-batch's loss and gradients with activation checkpointing: the forward pass
