@@ -86,6 +86,21 @@ fn single_losses(dir: &Path) -> Vec<(u64, f64)> {
     losses(&dir.join("single"))
 }
 
+/// `kiln resume` on both ranks, through a fresh orchestrator, to the end of the run.
+fn resume_both(run_dir: &Path) -> Vec<Output> {
+    let (orch, addr) = orchestrator();
+    let outs = wait_all(start_nodes(
+        &["resume", run_dir.to_str().unwrap()],
+        &addr,
+        &[],
+    ));
+    stop(orch);
+    for o in &outs {
+        assert_ok(o);
+    }
+    outs
+}
+
 fn assert_close(single: &[(u64, f64)], dp: &[(u64, f64)]) {
     assert_eq!(single.len(), 12);
     assert_eq!(
@@ -130,16 +145,7 @@ fn two_loopback_nodes_train_as_one_process_on_the_doubled_batch_and_resume_exact
     assert_eq!(losses(&dir.path().join("dp.rank-1")), losses(&run_dir));
     stop(orch);
 
-    // `kiln resume` on both, through a fresh orchestrator, to the end.
-    let (orch, addr) = orchestrator();
-    let outs = wait_all(start_nodes(
-        &["resume", run_dir.to_str().unwrap()],
-        &addr,
-        &[],
-    ));
-    stop(orch);
-    for o in &outs {
-        assert_ok(o);
+    for o in &resume_both(&run_dir) {
         assert!(stderr(o).contains("at step 5"), "{}", stderr(o));
     }
     assert_close(&single, &losses(&run_dir));
@@ -182,16 +188,7 @@ fn a_dead_peer_stops_the_other_with_an_error_and_the_run_resumes() {
     let done = losses(&run_dir).len();
     assert!((4..12).contains(&done), "{done} steps before the failure");
 
-    let (orch, addr) = orchestrator();
-    let outs = wait_all(start_nodes(
-        &["resume", run_dir.to_str().unwrap()],
-        &addr,
-        &[],
-    ));
-    stop(orch);
-    for o in &outs {
-        assert_ok(o);
-    }
+    resume_both(&run_dir);
     assert_close(&single, &losses(&run_dir));
 }
 
@@ -235,19 +232,44 @@ fn bad_distributed_settings_are_refused_with_the_key_or_variable_named() {
     assert!(err.contains("KILN_RANK=`two`"), "{err}");
     let err = fails(&["--set", "distributed.nodes=2"], &[("KILN_RANK", "3")]);
     assert!(err.contains("rank 3 is outside 0..2"), "{err}");
-    // MoA's dream consolidation reads each process's own router statistics.
-    let o = run(&[
+}
+
+#[test]
+fn dream_consolidation_sees_every_process_and_stays_identical_on_both() {
+    // MoA with dream cycles: each cycle reads the router statistics and gradients of the
+    // whole global batch, so both ranks reach the same multipliers and the same steps.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let args = [
         "train",
         "recipes/smoke/moa-tiny.toml",
         "--out",
         out,
         "--set",
+        "phases[0].steps=4",
+        "--set",
+        "phases[0].batch_size=4",
+        "--set",
+        "phases[1].steps=2",
+        "--set",
+        "phases[1].batch_size=2",
+        "--set",
+        "dream.every=2",
+        "--set",
+        "train.eval_every=0",
+        "--set",
         "distributed.nodes=2",
-    ]);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(
-        stderr(&o).contains("drop [dream] or [distributed]"),
-        "{}",
-        stderr(&o)
-    );
+    ];
+    let (orch, addr) = orchestrator();
+    let outs = wait_all(start_nodes(&args, &addr, &[]));
+    stop(orch);
+    for o in &outs {
+        assert_ok(o);
+    }
+    let leader = dir.path().join("moa-tiny");
+    let peer = dir.path().join("moa-tiny.rank-1");
+    let dream = |d: &Path| std::fs::read_to_string(d.join("dream.jsonl")).expect("dream.jsonl");
+    assert_eq!(dream(&leader).lines().count(), 3, "three dream cycles");
+    assert_eq!(dream(&leader), dream(&peer));
+    assert_eq!(losses(&leader), losses(&peer));
 }

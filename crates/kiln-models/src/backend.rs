@@ -1545,14 +1545,31 @@ mod tests {
             } else {
                 crate::ops::causal_depthwise_tensor_ops(x.clone(), w.clone())
             };
-            let grads = (out.clone() * up.clone()).sum().backward();
-            (
-                out.into_data(),
-                x.grad(&grads).expect("dx").into_data(),
-                w.grad(&grads).expect("dw").into_data(),
-            )
+            output_and_grads(out, &up, &x, &w)
         };
-        let (kiln, plain) = (run(true), run(false));
+        assert_outputs_match(run(true), run(false));
+    }
+
+    /// An op's output and the gradients of `sum(out ⊙ up)` for its two inputs.
+    fn output_and_grads<A: KilnAutodiffBackend, const D: usize, const E: usize>(
+        out: Tensor<A, 3>,
+        up: &Tensor<A, 3>,
+        x: &Tensor<A, D>,
+        w: &Tensor<A, E>,
+    ) -> (TensorData, TensorData, TensorData) {
+        let grads = (out.clone() * up.clone()).sum().backward();
+        (
+            out.into_data(),
+            x.grad(&grads).expect("dx").into_data(),
+            w.grad(&grads).expect("dw").into_data(),
+        )
+    }
+
+    /// Asserts that a kiln op's output and input gradients equal the tensor-op reference's.
+    fn assert_outputs_match(
+        kiln: (TensorData, TensorData, TensorData),
+        plain: (TensorData, TensorData, TensorData),
+    ) {
         let tol = burn::tensor::Tolerance::<f32>::absolute(1e-4);
         kiln.0.assert_approx_eq::<f32>(&plain.0, tol);
         kiln.1.assert_approx_eq::<f32>(&plain.1, tol);
@@ -1591,18 +1608,9 @@ mod tests {
                 let rms = x.clone().square().mean_dim(2).add_scalar(eps).sqrt();
                 x.clone().div(rms).mul(w.clone().unsqueeze::<3>())
             };
-            let grads = (out.clone() * up.clone()).sum().backward();
-            (
-                out.into_data(),
-                x.grad(&grads).expect("dx").into_data(),
-                w.grad(&grads).expect("dw").into_data(),
-            )
+            output_and_grads(out, &up, &x, &w)
         };
-        let (kiln, plain) = (run(true), run(false));
-        let tol = burn::tensor::Tolerance::<f32>::absolute(1e-4);
-        kiln.0.assert_approx_eq::<f32>(&plain.0, tol);
-        kiln.1.assert_approx_eq::<f32>(&plain.1, tol);
-        kiln.2.assert_approx_eq::<f32>(&plain.2, tol);
+        assert_outputs_match(run(true), run(false));
     }
 
     /// [`KilnBackend::kiln_attention`] and its backward against `softmax(q kᵀ · scale +

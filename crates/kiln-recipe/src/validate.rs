@@ -154,11 +154,6 @@ impl Recipe {
             "distributed.timeout_s",
             format!("{} must be a positive number of seconds", d.timeout_s),
         );
-        e.check(
-            self.dream.is_none(),
-            "distributed",
-            "dream consolidation reads each process's own router statistics, which would make the processes' optimizer steps differ: drop [dream] or [distributed]",
-        );
     }
 
     fn validate_dream(&self, e: &mut Errors<'_>) {

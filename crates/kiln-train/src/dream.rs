@@ -146,6 +146,21 @@ impl Dream {
         }
     }
 
+    /// [`Self::observe_routers`] for `batches` micro-batches at once, given each router's
+    /// statistics averaged over them (and, data parallel, over the processes).
+    pub fn observe_router_means(&mut self, means: &BTreeMap<String, Vec<f64>>, batches: usize) {
+        for (name, values) in means {
+            let r = self.routers.entry(name.clone()).or_default();
+            if r.sums.len() != values.len() {
+                r.sums = vec![0.0; values.len()];
+            }
+            for (s, v) in r.sums.iter_mut().zip(values) {
+                *s += v * batches as f64;
+            }
+            r.count += batches as u64;
+        }
+    }
+
     /// The learning-rate multipliers to apply (tensors at 1 omitted).
     pub fn multipliers(&self) -> BTreeMap<String, f64> {
         self.tensors

@@ -471,7 +471,8 @@ pub fn train<B: KilnAutodiffBackend>(
                 *aux_losses.entry(name).or_default() +=
                     v.iter().map(|x| f64::from(*x)).sum::<f64>();
             }
-            if let Some(d) = state.dream.as_mut() {
+            // Data parallel, dream sees the router statistics of all processes (below).
+            if let (Some(d), None) = (state.dream.as_mut(), &peer) {
                 d.observe_routers(&stats);
             }
             for (name, v) in stats {
@@ -502,6 +503,9 @@ pub fn train<B: KilnAutodiffBackend>(
                     aux_losses = r.aux;
                     router_usage = r.usage;
                     agreed_stop = Some((r.interrupted, r.out_of_time));
+                    if let Some(d) = state.dream.as_mut() {
+                        d.observe_router_means(&router_usage, batches.len());
+                    }
                 }
                 Err(e) => return fail(run, step, e),
             }
