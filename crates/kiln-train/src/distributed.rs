@@ -16,12 +16,12 @@
 //!   1.0 per peer, and a sum that is not the world size is an error.
 
 use std::collections::BTreeMap;
+use std::marker::PhantomData;
 use std::ops::Range;
 use std::str::FromStr;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
-use burn::backend::Flex;
 use burn::prelude::*;
 use burn::tensor::{TensorData, TensorPrimitive};
 use burn_collective::{
@@ -125,36 +125,41 @@ impl Topology {
 type Reply = Result<Vec<f32>, String>;
 
 /// This process's connection to the others: a worker thread that makes the collective
-/// calls, and the deadline the training loop waits for it with.
+/// calls on backend `B` (the training's, without autodiff), and the deadline the training
+/// loop waits for it with.
 #[derive(Debug)]
-pub struct Peer {
+pub struct Peer<B: Backend> {
     topology: Topology,
     jobs: Sender<Vec<f32>>,
     replies: Receiver<Reply>,
     /// Seconds spent waiting for all-reduces so far.
     reduce_s: f64,
+    backend: PhantomData<B>,
 }
 
 /// Seconds the first all-reduce waits at least: the peers may still be starting (reading
 /// and tokenizing their data) when the first one is ready.
 const FIRST_CONTACT_S: f64 = 300.0;
 
-impl Peer {
-    /// Starts the worker thread; nothing is sent until the first [`Self::sum`].
-    pub fn start(topology: Topology) -> Result<Self, TrainError> {
+impl<B: Backend> Peer<B> {
+    /// Starts the worker thread, which reduces on `device`; nothing is sent until the
+    /// first [`Self::sum`].
+    pub fn start(topology: Topology, device: &B::Device) -> Result<Self, TrainError> {
+        let device = device.clone();
         let (jobs, job_rx) = mpsc::channel::<Vec<f32>>();
         let (reply_tx, replies) = mpsc::channel::<Reply>();
         let config = collective_config(&topology)?;
         let rank = topology.rank;
         std::thread::Builder::new()
             .name(format!("kiln-collective-{rank}"))
-            .spawn(move || worker(rank, config, job_rx, reply_tx))
+            .spawn(move || worker::<B>(rank, config, device, job_rx, reply_tx))
             .map_err(|e| TrainError::Distributed(format!("starting the collective worker: {e}")))?;
         Ok(Self {
             topology,
             jobs,
             replies,
             reduce_s: 0.0,
+            backend: PhantomData,
         })
     }
 
@@ -268,19 +273,24 @@ fn collective_config(t: &Topology) -> Result<CollectiveConfig, TrainError> {
 /// The worker thread: for each buffer, register, all-reduce (sum) and finish, answering
 /// with the sums. Stops at the first failure (burn's collective state is unusable after
 /// one) or when the training loop hangs up.
-fn worker(rank: u32, config: CollectiveConfig, jobs: Receiver<Vec<f32>>, replies: Sender<Reply>) {
+fn worker<B: Backend>(
+    rank: u32,
+    config: CollectiveConfig,
+    device: B::Device,
+    jobs: Receiver<Vec<f32>>,
+    replies: Sender<Reply>,
+) {
     let id = PeerId::from(rank);
-    let device = Default::default();
     for values in jobs {
         let reply = (|| -> Reply {
-            register::<Flex>(id, device, config.clone()).map_err(|e| format!("{e:?}"))?;
+            register::<B>(id, device.clone(), config.clone()).map_err(|e| format!("{e:?}"))?;
             let n = values.len();
-            let tensor = Tensor::<Flex, 1>::from_data(TensorData::new(values, [n]), &device);
+            let tensor = Tensor::<B, 1>::from_data(TensorData::new(values, [n]), &device);
             let summed =
-                all_reduce::<Flex>(id, tensor.into_primitive().tensor(), ReduceOperation::Sum)
+                all_reduce::<B>(id, tensor.into_primitive().tensor(), ReduceOperation::Sum)
                     .map_err(|e| format!("{e:?}"))?;
-            finish_collective::<Flex>(id).map_err(|e| format!("{e:?}"))?;
-            Tensor::<Flex, 1>::from_primitive(TensorPrimitive::Float(summed))
+            finish_collective::<B>(id).map_err(|e| format!("{e:?}"))?;
+            Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(summed))
                 .into_data()
                 .into_vec::<f32>()
                 .map_err(|e| format!("{e:?}"))
@@ -312,7 +322,7 @@ pub struct StepSums {
 /// none of the processes has a gradient for stays without one (as in a single process).
 /// Router usage is averaged rather than summed.
 pub fn reduce_step<B: Backend>(
-    peer: &mut Peer,
+    peer: &mut Peer<B>,
     step: u64,
     layout: &[(String, usize)],
     acc: &mut GradAccumulator<B>,
@@ -424,11 +434,12 @@ mod tests {
             for rank in 0..world {
                 let (jobs, _) = mpsc::channel();
                 let (_, replies) = mpsc::channel();
-                let peer = Peer {
+                let peer = Peer::<burn::backend::Flex> {
                     topology: topology(rank, world),
                     jobs,
                     replies,
                     reduce_s: 0.0,
+                    backend: PhantomData,
                 };
                 let s = peer.shard(rows);
                 assert!(s.len() <= rows.div_ceil(world as usize));

@@ -177,7 +177,9 @@ pub fn train<B: KilnAutodiffBackend>(
     control: &Control<'_>,
 ) -> Result<Outcome, TrainError> {
     let started = Instant::now();
-    let mut peer = Topology::of(recipe)?.map(Peer::start).transpose()?;
+    let mut peer = Topology::of(recipe)?
+        .map(|t| Peer::<B::InnerBackend>::start(t, device))
+        .transpose()?;
     // Without `[distributed]`, the one process is the leader.
     let leader = peer.as_ref().is_none_or(|p| p.topology().is_leader());
     let world = recipe.world() as usize;
