@@ -4,15 +4,14 @@
 //!
 //!     cargo run --example moa_profile [ITERS]
 
-use std::time::Instant;
+mod common;
 
-use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use kiln_models::moa::{metric, route};
 use kiln_models::{Init, MoaConfig};
 
-type B = Autodiff<Flex>;
+use common::{B, time};
 
 fn main() {
     let iters: usize = std::env::args()
@@ -83,25 +82,7 @@ fn main() {
         "part (batch 8 x 256)", "fwd ms", "bwd ms"
     );
     for (name, op) in &parts {
-        let mut fwd = Vec::new();
-        let mut bwd = Vec::new();
-        for i in 0..=iters {
-            let t0 = Instant::now();
-            let out = op();
-            let t1 = Instant::now();
-            let _ = out.backward();
-            if i > 0 {
-                fwd.push(t1 - t0);
-                bwd.push(t1.elapsed());
-            }
-        }
-        fwd.sort();
-        bwd.sort();
-        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
-        println!(
-            "{name:<26} {:>9.2} {:>9.2}",
-            ms(fwd[iters / 2]),
-            ms(bwd[iters / 2])
-        );
+        let (fwd, bwd) = time(iters, op.as_ref());
+        println!("{name:<26} {fwd:>9.2} {bwd:>9.2}");
     }
 }

@@ -5,15 +5,14 @@
 //!
 //!     cargo run --example op_profile [ITERS]
 
-use std::time::Instant;
+mod common;
 
-use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Distribution, TensorPrimitive};
 use kiln_models::KilnBackend;
 
-type B = Autodiff<Flex>;
+use common::{B, time};
 
 const BATCH: usize = 8;
 const SEQ: usize = 256;
@@ -26,28 +25,6 @@ const VOCAB: usize = 4096;
 
 fn rand<const D: usize>(shape: [usize; D]) -> Tensor<B, D> {
     Tensor::random(shape, Distribution::Normal(0.0, 0.5), &Default::default()).require_grad()
-}
-
-/// Median forward and backward milliseconds of `op` over `iters` runs (after one warmup).
-fn time(iters: usize, op: &dyn Fn() -> Tensor<B, 1>) -> (f64, f64) {
-    let mut fwd = Vec::new();
-    let mut bwd = Vec::new();
-    for i in 0..=iters {
-        let t0 = Instant::now();
-        let out = op();
-        let t1 = Instant::now();
-        let _ = out.backward();
-        let t2 = Instant::now();
-        if i > 0 {
-            fwd.push((t1 - t0).as_secs_f64() * 1e3);
-            bwd.push((t2 - t1).as_secs_f64() * 1e3);
-        }
-    }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    (median(&mut fwd), median(&mut bwd))
 }
 
 fn main() {
