@@ -323,3 +323,14 @@ fn a_reader_that_stops_early_gets_no_panic() {
     assert!(!err.contains("panicked"), "{err}");
     assert!(out.status.success(), "{err}");
 }
+
+#[test]
+fn missing_recipe_is_named_once_with_its_cause() {
+    let err = fails(&["train", "no/such/recipe.toml"]);
+    assert!(
+        err.contains("cannot read recipe `no/such/recipe.toml`"),
+        "{err}"
+    );
+    // The library error already quotes its io cause; the CLI must not repeat it.
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+}
