@@ -27,6 +27,10 @@ use kiln_train::{Checkpoint, Control, Outcome, RunDir};
 use backend::{Job, dispatch};
 use progress::Progress;
 
+/// Large tensors are recycled instead of being mapped fresh (and page-faulted) every step.
+#[global_allocator]
+static ALLOC: kiln_models::alloc::RecyclingAlloc = kiln_models::alloc::RecyclingAlloc::new();
+
 /// Exit status when a run stopped on a signal (after writing a checkpoint).
 const EXIT_INTERRUPTED: u8 = 130;
 /// Exit status when a run stopped at `run.max_wall_time` or `--stop-after` (after writing a

@@ -8,6 +8,9 @@
 //! built from the module field names by [`named_params`]; [`load_named`] puts tensors back
 //! and reports every missing, unused or mis-shaped name.
 
+// A global allocator is unsafe by definition; each block's provenance is argued there.
+#[allow(unsafe_code)]
+pub mod alloc;
 pub mod backend;
 pub mod convgpt;
 // Host kernels call the gemm crate through raw pointers and pick vector code at run time.
