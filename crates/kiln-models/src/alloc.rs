@@ -1,16 +1,18 @@
 //! A global allocator that keeps freed large blocks for reuse.
 //!
 //! A training step allocates the same large tensors (activations, gradients, logits)
-//! every step, and frees them again. With the system allocator (glibc), a block of 32 MiB
-//! or more (the qwen2 bench's `[2048, 4096]` logits), and any block above its moving
-//! threshold, is a fresh `mmap` every time, so each first write to each 4 KiB page of it
-//! faults into the kernel, which zeroes the page. On the CPU backend that doubled the time
-//! of the LM head's matmul (59 ms against 27 ms for the same gemm call into reused memory),
-//! and cost about a tenth of the whole step.
+//! every step, and frees them again. The system allocator (glibc) serves blocks below its
+//! moving `mmap` threshold from its heap and reuses them, but a block of 32 MiB or more
+//! (the qwen2 bench's `[2048, 4096]` logits and their gradient) is a fresh `mmap` every
+//! time, so each first write to each 4 KiB page of it faults into the kernel, which zeroes
+//! the page. On the CPU backend that doubled the time of the LM head's matmul (59 ms
+//! against 27 ms for the same gemm call into reused memory).
 //!
 //! [`RecyclingAlloc`] hands blocks of [`LARGE`] bytes or more out of a small cache of freed
 //! blocks of the same size class (sizes rounded up to a multiple of 64 KiB) and otherwise
-//! passes through to [`System`]. The cache holds at most [`DEFAULT_CACHE_BYTES`] (the
+//! passes through to [`System`]. Smaller blocks are left to glibc's heap: caching them
+//! too was no faster and held more memory (a cache without coalescing keeps freed blocks
+//! in the shapes they were freed in). The cache holds at most [`DEFAULT_CACHE_BYTES`] (the
 //! environment variable `KILN_ALLOC_CACHE_MB` sets another bound; `0` turns the cache off),
 //! and a block unused for [`MAX_IDLE`] is returned to the system at the next large
 //! operation, so memory a run stopped using does not stay resident.
@@ -28,15 +30,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// Blocks this large or larger go through the cache.
-pub const LARGE: usize = 256 * 1024;
+pub const LARGE: usize = 16 << 20;
 /// Size classes of large blocks: sizes are rounded up to a multiple of this.
 const GRANULE: usize = 64 * 1024;
 /// The cache's bound on the bytes it holds, unless `KILN_ALLOC_CACHE_MB` says otherwise.
-pub const DEFAULT_CACHE_BYTES: usize = 1 << 30;
+pub const DEFAULT_CACHE_BYTES: usize = 256 << 20;
 /// A cached block unused this long goes back to the system.
 pub const MAX_IDLE: Duration = Duration::from_secs(10);
 /// How many freed blocks the cache can hold at once.
-const SLOTS: usize = 512;
+const SLOTS: usize = 64;
 
 /// A freed block waiting for reuse.
 #[derive(Clone, Copy)]
@@ -308,53 +310,61 @@ mod tests {
         Layout::from_size_align(size, 64).unwrap()
     }
 
+    /// The smallest block the cache takes.
+    const M: usize = LARGE;
+
     #[test]
     fn a_freed_large_block_is_reused_for_the_same_size_class() {
         let a = RecyclingAlloc::new();
         // SAFETY: every block is freed once, with the layout it was allocated with.
         unsafe {
-            let p = a.alloc(layout(1 << 20));
-            p.write_bytes(7, 1 << 20);
-            a.dealloc(p, layout(1 << 20));
-            assert_eq!(a.cached_bytes(), 1 << 20);
-            // A slightly smaller request is the same 64 KiB class.
-            let q = a.alloc(layout((1 << 20) - 100));
+            let p = a.alloc(layout(M + 100));
+            p.write_bytes(7, M + 100);
+            a.dealloc(p, layout(M + 100));
+            let class = M + GRANULE;
+            assert_eq!(a.cached_bytes(), class);
+            // A slightly larger request is the same 64 KiB class.
+            let q = a.alloc(layout(M + 200));
             assert_eq!(p, q);
             assert_eq!(a.cached_bytes(), 0);
             // A zeroed request from the cache is zeroed.
-            a.dealloc(q, layout((1 << 20) - 100));
-            let z = a.alloc_zeroed(layout(1 << 20));
+            a.dealloc(q, layout(M + 200));
+            let z = a.alloc_zeroed(layout(M + 100));
             assert_eq!(z, p);
             assert!(
-                std::slice::from_raw_parts(z, 1 << 20)
+                std::slice::from_raw_parts(z, M + 100)
                     .iter()
                     .all(|&b| b == 0)
             );
-            a.dealloc(z, layout(1 << 20));
+            a.dealloc(z, layout(M + 100));
             // Another class is a fresh block.
-            let r = a.alloc(layout(2 << 20));
+            let r = a.alloc(layout(2 * M));
             assert_ne!(r, p);
-            a.dealloc(r, layout(2 << 20));
-            assert_eq!(a.cached_bytes(), 3 << 20);
+            a.dealloc(r, layout(2 * M));
+            assert_eq!(a.cached_bytes(), class + 2 * M);
+            // A small block passes through.
+            let small = a.alloc(layout(1000));
+            a.dealloc(small, layout(1000));
+            assert_eq!(a.cached_bytes(), class + 2 * M);
         }
     }
 
     #[test]
     fn the_cache_stays_within_its_bound() {
         let a = RecyclingAlloc::new();
-        a.limit.store(3 << 20, Ordering::Relaxed);
+        a.limit.store(3 * M, Ordering::Relaxed);
         // SAFETY: every block is freed once, with the layout it was allocated with.
         unsafe {
-            let blocks: Vec<_> = (0..5).map(|_| a.alloc(layout(1 << 20))).collect();
+            let blocks: Vec<_> = (0..5).map(|_| a.alloc(layout(M))).collect();
             for &p in &blocks {
-                a.dealloc(p, layout(1 << 20));
-                assert!(a.cached_bytes() <= 3 << 20);
+                a.dealloc(p, layout(M));
+                assert!(a.cached_bytes() <= 3 * M);
             }
-            assert_eq!(a.cached_bytes(), 3 << 20);
+            assert_eq!(a.cached_bytes(), 3 * M);
             // A block larger than the bound is not kept.
-            let big = a.alloc(layout(4 << 20));
-            a.dealloc(big, layout(4 << 20));
-            assert_eq!(a.cached_bytes(), 3 << 20);
+            let big = a.alloc(layout(4 * M));
+            a.dealloc(big, layout(4 * M));
+            assert_eq!(a.cached_bytes(), 3 * M);
         }
     }
 
@@ -367,9 +377,9 @@ mod tests {
             for i in 0..1000 {
                 *p.add(i) = i as u8;
             }
-            let q = a.realloc(p, layout(1000), 3 << 20);
-            let r = a.realloc(q, layout(3 << 20), 5 << 20);
-            let s = a.realloc(r, layout(5 << 20), 500);
+            let q = a.realloc(p, layout(1000), 3 * M);
+            let r = a.realloc(q, layout(3 * M), 5 * M);
+            let s = a.realloc(r, layout(5 * M), 500);
             for i in 0..500 {
                 assert_eq!(*s.add(i), i as u8);
             }
