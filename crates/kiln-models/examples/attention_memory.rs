@@ -63,8 +63,9 @@ fn main() {
                 x.clone().into_primitive().tensor(),
                 x.clone().into_primitive().tensor(),
                 x.clone().into_primitive().tensor(),
-                Some(bias.clone().into_primitive().tensor()),
+                None,
                 0.2,
+                true,
             ))),
         } + x;
     }

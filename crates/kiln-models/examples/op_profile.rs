@@ -41,19 +41,13 @@ fn main() {
     let h = rand([BATCH, SEQ, INTER]);
     let g = rand([BATCH, SEQ, INTER]);
     let norm_w = rand([HIDDEN]);
-    let q = rand([BATCH, KV_HEADS, (HEADS / KV_HEADS) * SEQ, HEAD_DIM]);
-    let k = rand([BATCH, KV_HEADS, SEQ, HEAD_DIM]);
-    let v = rand([BATCH, KV_HEADS, SEQ, HEAD_DIM]);
+    // Heads as the model passes them: views of the [b, t, heads, d] projections.
+    let q = rand([BATCH, SEQ, HEADS, HEAD_DIM]);
+    let k = rand([BATCH, SEQ, KV_HEADS, HEAD_DIM]);
+    let v = rand([BATCH, SEQ, KV_HEADS, HEAD_DIM]);
     let logits = rand([BATCH * SEQ, VOCAB]);
     let rot = rand([BATCH, SEQ, HEADS, HEAD_DIM]);
     let cos = Tensor::<B, 2>::random([SEQ, HEAD_DIM], Distribution::Default, &Default::default());
-    let mask: Vec<f32> = (0..(HEADS / KV_HEADS) * SEQ)
-        .flat_map(|r| (0..SEQ).map(move |c| if c <= r % SEQ { 0.0 } else { -1e9 }))
-        .collect();
-    let bias = Tensor::<B, 4>::from_data(
-        TensorData::new(mask, [1, 1, (HEADS / KV_HEADS) * SEQ, SEQ]),
-        &Default::default(),
-    );
     // Projections run as 2-D matmuls over all positions, as the models do.
     let x2 = x.clone().reshape([BATCH * SEQ, HIDDEN]);
     let lin = |w: &Tensor<B, 2>| {
@@ -104,11 +98,12 @@ fn main() {
             4,
             Box::new(|| {
                 Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(B::kiln_attention(
-                    q.clone().into_primitive().tensor(),
-                    k.clone().into_primitive().tensor(),
-                    v.clone().into_primitive().tensor(),
-                    Some(bias.clone().into_primitive().tensor()),
+                    q.clone().swap_dims(1, 2).into_primitive().tensor(),
+                    k.clone().swap_dims(1, 2).into_primitive().tensor(),
+                    v.clone().swap_dims(1, 2).into_primitive().tensor(),
+                    None,
                     1.0 / (HEAD_DIM as f64).sqrt(),
+                    true,
                 )))
                 .sum()
             }),

@@ -61,9 +61,12 @@ pub const ATTENTION_BLOCK: usize = 512;
 
 /// A Burn backend with kiln's extra operations.
 pub trait KilnBackend: Backend {
-    /// `softmax(q kᵀ · scale + bias) v` for `q: [b, h, t, d]`, `k, v: [b, h, s, d]` and an
-    /// additive `bias: [1 or b, 1, t, s]` (0 where visible, -inf or a large negative
-    /// number where not); returns `[b, h, t, d]`. Computed in blocks of
+    /// `softmax(q kᵀ · scale + bias) v` for `q: [b, h, t, dk]`, `k: [b, kvh, s, dk]`, `v:
+    /// [b, kvh, s, dv]` (query head `i` reads key/value head `i / (h / kvh)`, grouped-query
+    /// attention without copying the keys) and an additive `bias: [1 or b, 1 or h, 1 or t,
+    /// s]` (0 where visible, -inf or a large negative number where not); returns `[b, h, t,
+    /// dv]`. With `causal`, the queries are the last `t` of the `s` positions and query `r`
+    /// sees keys `0..=r + s - t` only (`s >= t`). Computed in blocks of
     /// [`ATTENTION_BLOCK`] queries.
     fn kiln_attention(
         q: FloatTensor<Self>,
@@ -71,8 +74,9 @@ pub trait KilnBackend: Backend {
         v: FloatTensor<Self>,
         bias: Option<FloatTensor<Self>>,
         scale: f64,
+        causal: bool,
     ) -> FloatTensor<Self> {
-        blocked_attention::<Self>(q, k, v, bias, scale)
+        blocked_attention::<Self>(q, k, v, bias, scale, causal)
     }
 
     /// The gradients `(dq, dk, dv)` of [`Self::kiln_attention`] given the gradient of its
@@ -82,10 +86,10 @@ pub trait KilnBackend: Backend {
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         bias: Option<FloatTensor<Self>>,
-        scale: f64,
+        (scale, causal): (f64, bool),
         d_out: FloatTensor<Self>,
     ) -> [FloatTensor<Self>; 3] {
-        blocked_attention_backward::<Self>(q, k, v, bias, scale, d_out)
+        blocked_attention_backward::<Self>(q, k, v, bias, (scale, causal), d_out)
     }
 
     /// Per-row cross-entropy `-log softmax(logits_r)[target_r]` for `logits: [rows,
@@ -316,12 +320,36 @@ fn float<B: Backend, const D: usize>(p: FloatTensor<B>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(p))
 }
 
-/// The bias rows of a block of queries.
+/// The bias of a block of queries, plus the causal mask of those rows when `causal`:
+/// `[1 or b, 1 or h, rows or 1, s]`.
 fn block_bias<B: Backend>(
     bias: &Option<Tensor<B, 4>>,
     rows: std::ops::Range<usize>,
+    (t, s): (usize, usize),
+    causal: bool,
+    device: &B::Device,
 ) -> Option<Tensor<B, 4>> {
-    bias.as_ref().map(|b| b.clone().slice(s![.., .., rows, ..]))
+    let bias = bias.as_ref().map(|b| {
+        if b.dims()[2] == 1 {
+            b.clone()
+        } else {
+            b.clone().slice(s![.., .., rows.clone(), ..])
+        }
+    });
+    if !causal {
+        return bias;
+    }
+    let n = rows.len();
+    let mut mask = vec![0.0f32; n * s];
+    for (i, r) in rows.enumerate() {
+        let visible = (r + 1 + s).saturating_sub(t).min(s);
+        mask[i * s + visible..(i + 1) * s].fill(f32::NEG_INFINITY);
+    }
+    let mask = Tensor::<B, 4>::from_data(TensorData::new(mask, [1, 1, n, s]), device);
+    Some(match bias {
+        Some(b) => b + mask,
+        None => mask,
+    })
 }
 
 /// `softmax(qb kᵀ · scale + bias)` for one block of queries: `[b, h, rows, s]`.
@@ -339,17 +367,41 @@ fn probabilities<B: Backend>(
     softmax(scores, 3)
 }
 
+/// Keys or values `[b, kvh, s, d]` repeated for the `h / kvh` query heads of each group:
+/// `[b, h, s, d]`.
+fn repeat_kv<B: Backend>(x: Tensor<B, 4>, heads: usize) -> Tensor<B, 4> {
+    let [b, kvh, s, d] = x.dims();
+    if kvh == heads {
+        return x;
+    }
+    x.unsqueeze_dim::<5>(2)
+        .repeat_dim(2, heads / kvh)
+        .reshape([b, heads, s, d])
+}
+
+/// The gradient of [`repeat_kv`]: the group's query heads' gradients summed, `[b, kvh, s,
+/// d]`.
+fn sum_groups<B: Backend>(g: Tensor<B, 4>, kv_heads: usize) -> Tensor<B, 4> {
+    let [b, h, s, d] = g.dims();
+    if kv_heads == h {
+        return g;
+    }
+    g.reshape([b, kv_heads, h / kv_heads, s, d])
+        .sum_dim(2)
+        .reshape([b, kv_heads, s, d])
+}
+
 /// The backward of [`KilnBackend::kiln_attention`]: recomputes each block's probabilities.
 #[derive(Debug)]
 struct AttentionBackward;
 
-/// What the attention backward keeps: q, k, v, the bias and the scale.
+/// What the attention backward keeps: q, k, v, the bias, the scale and `causal`.
 type AttentionState<B> = (
     FloatTensor<B>,
     FloatTensor<B>,
     FloatTensor<B>,
     Option<FloatTensor<B>>,
-    f64,
+    (f64, bool),
 );
 
 impl<B: KilnBackend> Backward<B, 3> for AttentionBackward {
@@ -357,8 +409,8 @@ impl<B: KilnBackend> Backward<B, 3> for AttentionBackward {
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let d_out = grads.consume::<B>(&ops.node);
-        let (q, k, v, bias, scale) = ops.state;
-        let values = B::kiln_attention_backward(q, k, v, bias, scale, d_out);
+        let (q, k, v, bias, scale_causal) = ops.state;
+        let values = B::kiln_attention_backward(q, k, v, bias, scale_causal, d_out);
         register!(B, grads, ops.parents, values);
     }
 }
@@ -532,17 +584,25 @@ fn blocked_attention<B: Backend>(
     v: FloatTensor<B>,
     bias: Option<FloatTensor<B>>,
     scale: f64,
+    causal: bool,
 ) -> FloatTensor<B> {
-    let (q, k, v) = (float::<B, 4>(q), float::<B, 4>(k), float::<B, 4>(v));
+    let q = float::<B, 4>(q);
+    let [_, h, t, _] = q.dims();
+    let (k, v) = (
+        repeat_kv(float::<B, 4>(k), h),
+        repeat_kv(float::<B, 4>(v), h),
+    );
     let bias = bias.map(float::<B, 4>);
-    let t = q.dims()[2];
-    let kt = k.clone().swap_dims(2, 3);
+    let s = k.dims()[2];
+    let device = q.device();
+    let kt = k.swap_dims(2, 3);
     let blocks: Vec<Tensor<B, 4>> = (0..t)
         .step_by(ATTENTION_BLOCK)
         .map(|r0| {
             let rows = r0..(r0 + ATTENTION_BLOCK).min(t);
             let qb = q.clone().slice(s![.., .., rows.clone(), ..]);
-            probabilities(qb, kt.clone(), block_bias(&bias, rows), scale).matmul(v.clone())
+            let bias = block_bias(&bias, rows, (t, s), causal, &device);
+            probabilities(qb, kt.clone(), bias, scale).matmul(v.clone())
         })
         .collect();
     Tensor::cat(blocks, 2).into_primitive().tensor()
@@ -556,13 +616,20 @@ fn blocked_attention_backward<B: Backend>(
     k: FloatTensor<B>,
     v: FloatTensor<B>,
     bias: Option<FloatTensor<B>>,
-    scale: f64,
+    (scale, causal): (f64, bool),
     d_out: FloatTensor<B>,
 ) -> [FloatTensor<B>; 3] {
     let d_out = float::<B, 4>(d_out);
-    let (q, k, v) = (float::<B, 4>(q), float::<B, 4>(k), float::<B, 4>(v));
+    let q = float::<B, 4>(q);
+    let [_, h, t, _] = q.dims();
+    let kv_heads = float::<B, 4>(k.clone()).dims()[1];
+    let (k, v) = (
+        repeat_kv(float::<B, 4>(k), h),
+        repeat_kv(float::<B, 4>(v), h),
+    );
     let bias = bias.map(float::<B, 4>);
-    let t = q.dims()[2];
+    let s = k.dims()[2];
+    let device = q.device();
     let kt = k.clone().swap_dims(2, 3);
     let vt = v.clone().swap_dims(2, 3);
     let mut dq_blocks = Vec::new();
@@ -572,7 +639,8 @@ fn blocked_attention_backward<B: Backend>(
         let rows = r0..(r0 + ATTENTION_BLOCK).min(t);
         let qb = q.clone().slice(s![.., .., rows.clone(), ..]);
         let dob = d_out.clone().slice(s![.., .., rows.clone(), ..]);
-        let p = probabilities(qb.clone(), kt.clone(), block_bias(&bias, rows), scale);
+        let bias = block_bias(&bias, rows, (t, s), causal, &device);
+        let p = probabilities(qb.clone(), kt.clone(), bias, scale);
         dv = dv + p.clone().swap_dims(2, 3).matmul(dob.clone());
         let dp = dob.matmul(vt.clone());
         // rowsum(dP ⊙ P) equals rowsum(dO ⊙ O) for O = P v.
@@ -582,6 +650,7 @@ fn blocked_attention_backward<B: Backend>(
         dk = dk + ds.swap_dims(2, 3).matmul(qb).mul_scalar(scale);
     }
     let dq = Tensor::cat(dq_blocks, 2);
+    let (dk, dv) = (sum_groups(dk, kv_heads), sum_groups(dv, kv_heads));
     [dq, dk, dv].map(|g| g.into_primitive().tensor())
 }
 
@@ -598,22 +667,17 @@ impl KilnBackend for burn::backend::Flex {
         v: FloatTensor<Self>,
         bias: Option<FloatTensor<Self>>,
         scale: f64,
+        causal: bool,
     ) -> FloatTensor<Self> {
-        match FlexAttention::read(&q, &k, &v, bias.as_ref()) {
-            Some(a) => {
-                let out = cpu::attention(
-                    a.q.as_f32(),
-                    a.k.as_f32(),
-                    a.v.as_f32(),
-                    a.bias.as_ref().map(FlexTensor::as_f32),
-                    a.dims,
-                    scale as f32,
-                );
-                let d = a.dims;
-                flex_f32(out, [d.batch, d.heads, d.queries, d.dv])
-            }
-            None => blocked_attention::<Self>(q, k, v, bias, scale),
-        }
+        let Some(a) = FlexAttention::read(&q, &k, &v, bias.as_ref(), causal) else {
+            return blocked_attention::<Self>(q, k, v, bias, scale, causal);
+        };
+        let Some(inputs) = a.inputs(scale) else {
+            return blocked_attention::<Self>(q, k, v, bias, scale, causal);
+        };
+        let d = a.dims;
+        // [b, t, h, dv], seen as [b, h, t, dv]: the output projection reads it as is.
+        flex_f32(cpu::attention(inputs), [d.batch, d.queries, d.heads, d.dv]).transpose(1, 2)
     }
 
     fn kiln_attention_backward(
@@ -621,30 +685,28 @@ impl KilnBackend for burn::backend::Flex {
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         bias: Option<FloatTensor<Self>>,
-        scale: f64,
+        (scale, causal): (f64, bool),
         d_out: FloatTensor<Self>,
     ) -> [FloatTensor<Self>; 3] {
-        let d_out_f32 = d_out.to_contiguous();
-        match FlexAttention::read(&q, &k, &v, bias.as_ref()) {
-            Some(a) if d_out_f32.as_slice::<f32>().is_some() => {
-                let (dq, dk, dv) = cpu::attention_backward(
-                    a.q.as_f32(),
-                    a.k.as_f32(),
-                    a.v.as_f32(),
-                    a.bias.as_ref().map(FlexTensor::as_f32),
-                    d_out_f32.as_f32(),
-                    a.dims,
-                    scale as f32,
-                );
-                let d = a.dims;
-                [
-                    flex_f32(dq, [d.batch, d.heads, d.queries, d.dk]),
-                    flex_f32(dk, [d.batch, d.heads, d.keys, d.dk]),
-                    flex_f32(dv, [d.batch, d.heads, d.keys, d.dv]),
-                ]
-            }
-            _ => blocked_attention_backward::<Self>(q, k, v, bias, scale, d_out),
-        }
+        let read = FlexAttention::read(&q, &k, &v, bias.as_ref(), causal);
+        let kernel = read.as_ref().and_then(|a| {
+            let d = a.dims;
+            let shape = [d.batch, d.heads, d.queries, d.dv];
+            Some((a.inputs(scale)?, strided(&d_out, shape)?))
+        });
+        let (Some(a), Some((inputs, d_out))) = (&read, kernel) else {
+            return blocked_attention_backward::<Self>(q, k, v, bias, (scale, causal), d_out);
+        };
+        let d = a.dims;
+        let (dq, dk, dv) = cpu::attention_backward(inputs, d_out);
+        // Gradients in the layouts of the projections they flow back into, seen as the
+        // head-major shapes of q, k and v.
+        [
+            flex_f32(dq, [d.batch, d.queries, d.heads, d.dk]),
+            flex_f32(dk, [d.batch, d.keys, d.kv_heads, d.dk]),
+            flex_f32(dv, [d.batch, d.keys, d.kv_heads, d.dv]),
+        ]
+        .map(|g| g.transpose(1, 2))
     }
 
     fn kiln_cross_entropy(
@@ -795,12 +857,13 @@ impl KilnBackend for burn::backend::Flex {
     }
 }
 
-/// The operands of an attention call on Flex, contiguous, when they are f32 and the bias
-/// broadcasts only over whole batch and head axes (what [`cpu::attention`] takes).
+/// The operands of an attention call on Flex, read in place, when they are f32 and the
+/// shapes are what [`cpu::attention`] takes.
 struct FlexAttention {
     q: FlexTensor,
     k: FlexTensor,
     v: FlexTensor,
+    /// Contiguous.
     bias: Option<FlexTensor>,
     dims: cpu::AttentionDims,
 }
@@ -811,6 +874,7 @@ impl FlexAttention {
         k: &FlexTensor,
         v: &FlexTensor,
         bias: Option<&FlexTensor>,
+        causal: bool,
     ) -> Option<Self> {
         let f32 = |t: &FlexTensor| t.dtype() == burn::tensor::DType::F32;
         if !(f32(q) && f32(k) && f32(v) && bias.is_none_or(f32)) {
@@ -818,36 +882,69 @@ impl FlexAttention {
         }
         let (qs, ks, vs) = (q.layout().shape(), k.layout().shape(), v.layout().shape());
         let [batch, heads, queries, dk] = [qs[0], qs[1], qs[2], qs[3]];
-        let (keys, dv) = (ks[2], vs[3]);
-        let (mut bias_batch, mut bias_heads) = (1, 1);
+        let (kv_heads, keys, dv) = (ks[1], ks[2], vs[3]);
+        if kv_heads == 0 || heads % kv_heads != 0 || (causal && keys < queries) {
+            return None;
+        }
+        let (mut bias_batch, mut bias_heads, mut bias_queries) = (1, 1, 1);
         if let Some(b) = bias {
             let bs = b.layout().shape();
-            (bias_batch, bias_heads) = (bs[0], bs[1]);
+            (bias_batch, bias_heads, bias_queries) = (bs[0], bs[1], bs[2]);
             let fits = |n: usize, full: usize| n == 1 || n == full;
-            if !(fits(bias_batch, batch) && fits(bias_heads, heads))
-                || bs[2] != queries
+            if !(fits(bias_batch, batch) && fits(bias_heads, heads) && fits(bias_queries, queries))
                 || bs[3] != keys
             {
                 return None;
             }
         }
         Some(Self {
-            q: q.to_contiguous(),
-            k: k.to_contiguous(),
-            v: v.to_contiguous(),
+            q: q.clone(),
+            k: k.clone(),
+            v: v.clone(),
             bias: bias.map(FlexTensor::to_contiguous),
             dims: cpu::AttentionDims {
                 batch,
                 heads,
+                kv_heads,
                 queries,
                 keys,
                 dk,
                 dv,
                 bias_batch,
                 bias_heads,
+                bias_queries,
+                causal,
             },
         })
     }
+
+    /// The kernel's view of the operands; `None` for layouts it cannot read in place.
+    fn inputs(&self, scale: f64) -> Option<cpu::AttentionInputs<'_>> {
+        let d = self.dims;
+        Some(cpu::AttentionInputs {
+            q: strided(&self.q, [d.batch, d.heads, d.queries, d.dk])?,
+            k: strided(&self.k, [d.batch, d.kv_heads, d.keys, d.dk])?,
+            v: strided(&self.v, [d.batch, d.kv_heads, d.keys, d.dv])?,
+            bias: self.bias.as_ref().map(FlexTensor::as_f32),
+            dims: d,
+            scale: scale as f32,
+        })
+    }
+}
+
+/// A 4-axis f32 Flex tensor of `shape` read in place, in its own layout.
+fn strided(t: &FlexTensor, shape: [usize; 4]) -> Option<cpu::Strided<'_>> {
+    let layout = t.layout();
+    if t.dtype() != burn::tensor::DType::F32 || layout.shape().as_slice() != shape {
+        return None;
+    }
+    let st = layout.strides();
+    cpu::Strided::new(
+        t.storage::<f32>(),
+        layout.start_offset(),
+        shape,
+        [st[0], st[1], st[2], st[3]],
+    )
 }
 
 /// [`KilnBackend::kiln_rope`] (or its backward) on Flex: the host kernel for f32.
@@ -1133,6 +1230,7 @@ impl<B: KilnBackend, C: CheckpointStrategy> KilnBackend for Autodiff<B, C> {
         v: FloatTensor<Self>,
         bias: Option<FloatTensor<Self>>,
         scale: f64,
+        causal: bool,
     ) -> FloatTensor<Self> {
         // The bias is a constant (masks), never differentiated.
         let bias = bias.map(|b| b.primitive);
@@ -1142,15 +1240,17 @@ impl<B: KilnBackend, C: CheckpointStrategy> KilnBackend for Autodiff<B, C> {
             v.primitive.clone(),
             bias.clone(),
             scale,
+            causal,
         );
         match AttentionBackward
             .prepare::<C>([q.node, k.node, v.node])
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(prep) => {
-                prep.finish((q.primitive, k.primitive, v.primitive, bias, scale), output)
-            }
+            OpsKind::Tracked(prep) => prep.finish(
+                (q.primitive, k.primitive, v.primitive, bias, (scale, causal)),
+                output,
+            ),
             OpsKind::UnTracked(prep) => prep.finish(output),
         }
     }
@@ -1366,14 +1466,25 @@ mod tests {
     fn blocked_attention_and_its_recomputing_backward_match_dense_attention() {
         // Flex runs the host kernels of crate::cpu, NdArray the tensor-op default. More
         // query rows than one block of either, so blocking and accumulation are exercised;
-        // a causal mask with -inf, padding keys masked per batch row with a large negative
-        // number, and keys and values of different widths.
+        // a causal mask with -inf as a bias or as the causal flag, padding keys masked per
+        // batch row with a large negative number, grouped-query heads, and keys and values
+        // of different widths.
         let t = ATTENTION_BLOCK + 88;
-        attention_matches_dense::<Autodiff<Flex>>((2, 3, t, t, 5, 4), true);
-        attention_matches_dense::<Autodiff<burn::backend::NdArray>>((2, 3, t, t, 5, 4), true);
+        for masking in [Masking::BiasRows, Masking::CausalFlag] {
+            let dims = (2, 4, 2, t, t, 5, 4);
+            attention_matches_dense::<Autodiff<Flex>>(dims, masking);
+            attention_matches_dense::<Autodiff<burn::backend::NdArray>>(dims, masking);
+        }
+        // Queries after cached keys (generation), causal: fewer queries than keys.
+        for masking in [Masking::BiasRows, Masking::CausalFlag] {
+            let dims = (2, 3, 1, 70, 131, 8, 3);
+            attention_matches_dense::<Autodiff<Flex>>(dims, masking);
+            attention_matches_dense::<Autodiff<burn::backend::NdArray>>(dims, masking);
+        }
         // Fewer keys than queries, no mask.
-        attention_matches_dense::<Autodiff<Flex>>((1, 2, 70, 45, 8, 3), false);
-        attention_matches_dense::<Autodiff<burn::backend::NdArray>>((1, 2, 70, 45, 8, 3), false);
+        let dims = (1, 2, 2, 70, 45, 8, 3);
+        attention_matches_dense::<Autodiff<Flex>>(dims, Masking::None);
+        attention_matches_dense::<Autodiff<burn::backend::NdArray>>(dims, Masking::None);
     }
 
     #[test]
@@ -1613,11 +1724,24 @@ mod tests {
         assert_outputs_match(run(true), run(false));
     }
 
+    /// How an attention test masks keys.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Masking {
+        /// No bias, not causal.
+        None,
+        /// A full `[b, 1, t, s]` bias holding the causal mask and padding keys.
+        BiasRows,
+        /// `causal` plus a `[b, 1, 1, s]` bias of padding keys only.
+        CausalFlag,
+    }
+
     /// [`KilnBackend::kiln_attention`] and its backward against `softmax(q kᵀ · scale +
-    /// bias) v` in plain tensor ops, for `(batch, heads, queries, keys, dk, dv)`.
+    /// mask) v` in plain tensor ops (keys and values repeated per query head), for
+    /// `(batch, heads, kv_heads, queries, keys, dk, dv)`. The operands are passed as the
+    /// models pass them: views of `[b, t, h, d]` projections with the head axis in front.
     fn attention_matches_dense<A: KilnAutodiffBackend>(
-        (b, h, t, s, dk, dv): (usize, usize, usize, usize, usize, usize),
-        masked: bool,
+        (b, h, kvh, t, s, dk, dv): (usize, usize, usize, usize, usize, usize, usize),
+        masking: Masking,
     ) {
         let device = Default::default();
         let data = |seed: f32, shape: [usize; 4]| {
@@ -1625,46 +1749,67 @@ mod tests {
             let v: Vec<f32> = (0..n).map(|i| ((i as f32) * seed).sin()).collect();
             TensorData::new(v, shape)
         };
-        let bias = masked.then(|| {
-            let mut mask = vec![0.0f32; b * t * s];
-            for batch in 0..b {
-                for r in 0..t {
-                    for c in 0..s {
-                        let i = (batch * t + r) * s + c;
-                        if c > r {
-                            mask[i] = f32::NEG_INFINITY;
-                        } else if batch == 1 && c < 3 {
-                            mask[i] = -1e9; // left padding of the second row
-                        }
+        // The whole mask, [b, 1, t, s]: the queries are the last t of s positions; the
+        // second batch row's first 3 keys are padding.
+        let causal = masking != Masking::None;
+        let padded = |batch: usize, c: usize| batch == 1 && c < 3;
+        let mut full = vec![0.0f32; b * t * s];
+        let mut padding = vec![0.0f32; b * s];
+        for batch in 0..b {
+            for c in 0..s {
+                if causal && padded(batch, c) {
+                    padding[batch * s + c] = -1e9;
+                }
+            }
+            for r in 0..t {
+                for c in 0..s {
+                    let i = (batch * t + r) * s + c;
+                    if causal && c + t > r + s {
+                        full[i] = f32::NEG_INFINITY;
+                    } else if causal && padded(batch, c) {
+                        full[i] = -1e9;
                     }
                 }
             }
-            Tensor::<A, 4>::from_data(TensorData::new(mask, [b, 1, t, s]), &device)
-        });
+        }
+        let full = Tensor::<A, 4>::from_data(TensorData::new(full, [b, 1, t, s]), &device);
+        let bias = match masking {
+            Masking::None => None,
+            Masking::BiasRows => Some(full.clone()),
+            Masking::CausalFlag => Some(Tensor::<A, 4>::from_data(
+                TensorData::new(padding, [b, 1, 1, s]),
+                &device,
+            )),
+        };
         let upstream = Tensor::<A, 4>::from_data(data(0.37, [b, h, t, dv]), &device);
         let run = |kiln: bool| {
-            let q = Tensor::<A, 4>::from_data(data(0.11, [b, h, t, dk]), &device).require_grad();
-            let k = Tensor::<A, 4>::from_data(data(0.23, [b, h, s, dk]), &device).require_grad();
-            let v = Tensor::<A, 4>::from_data(data(0.31, [b, h, s, dv]), &device).require_grad();
+            let q = Tensor::<A, 4>::from_data(data(0.11, [b, t, h, dk]), &device).require_grad();
+            let k = Tensor::<A, 4>::from_data(data(0.23, [b, s, kvh, dk]), &device).require_grad();
+            let v = Tensor::<A, 4>::from_data(data(0.31, [b, s, kvh, dv]), &device).require_grad();
+            let (qh, kh, vh) = (
+                q.clone().swap_dims(1, 2),
+                k.clone().swap_dims(1, 2),
+                v.clone().swap_dims(1, 2),
+            );
             let scale = 0.5;
             let out = if kiln {
                 float::<A, 4>(A::kiln_attention(
-                    q.clone().into_primitive().tensor(),
-                    k.clone().into_primitive().tensor(),
-                    v.clone().into_primitive().tensor(),
+                    qh.into_primitive().tensor(),
+                    kh.into_primitive().tensor(),
+                    vh.into_primitive().tensor(),
                     bias.clone().map(|b| b.into_primitive().tensor()),
                     scale,
+                    masking == Masking::CausalFlag,
                 ))
             } else {
-                let scores = q
-                    .clone()
-                    .matmul(k.clone().swap_dims(2, 3))
-                    .mul_scalar(scale);
-                let scores = match bias.clone() {
-                    Some(b) => scores + b,
-                    None => scores,
+                let (kh, vh) = (repeat_kv(kh, h), repeat_kv(vh, h));
+                let scores = qh.matmul(kh.swap_dims(2, 3)).mul_scalar(scale);
+                let scores = if causal {
+                    scores + full.clone()
+                } else {
+                    scores
                 };
-                softmax(scores, 3).matmul(v.clone())
+                softmax(scores, 3).matmul(vh)
             };
             let grads = (out.clone() * upstream.clone()).sum().backward();
             let g = |x: &Tensor<A, 4>| x.grad(&grads).expect("gradient").into_data();

@@ -7,7 +7,10 @@
 //! work one block of query rows at a time in a cache-sized scratch: the two matmuls of the
 //! block go to `gemm` (the matmul crate Flex itself uses), and the scale, mask, softmax and
 //! its backward run in one vectorized pass over the block's rows. Batch and head pairs (and
-//! blocks, in the forward) are spread over the cores with rayon.
+//! blocks, in the forward) are spread over the cores with rayon. The heads are read in
+//! place from the projections' `[b, t, heads, d]` layout and the results written back in
+//! it, grouped-query heads share their key/value head without a copy, and a causal block
+//! computes only the keys its last row sees.
 //!
 //! Vector code is compiled three times, for AVX-512, AVX2 with FMA and the baseline target,
 //! and picked at run time ([`multiversion!`]), so one binary uses the widest unit the CPU
@@ -118,13 +121,23 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 multiversion! {
     /// Turns each row of `scores` (`row_len` wide) into `softmax(row · scale + bias_row)`
-    /// in place; `bias` holds one row per score row (or none). A row whose every entry
-    /// is masked with `-inf` becomes all zeros.
-    fn softmax_rows(scores: &mut [f32], row_len: usize, scale: f32, bias: Option<&[f32]>) {
-        for (r, row) in scores.chunks_exact_mut(row_len).enumerate() {
+    /// over its first `visible[r]` entries, in place, and zeroes the rest of the row. Row
+    /// `r`'s bias is `bias[r * bias_stride..][..row_len]` (a stride of 0 shares one row),
+    /// or none. A row whose every visible entry is `-inf` becomes all zeros.
+    fn softmax_rows(
+        scores: &mut [f32],
+        row_len: usize,
+        visible: &[usize],
+        scale: f32,
+        bias: Option<&[f32]>,
+        bias_stride: usize,
+    ) {
+        for ((r, row), &vis) in scores.chunks_exact_mut(row_len).enumerate().zip(visible) {
+            let (row, hidden) = row.split_at_mut(vis.min(row_len));
+            hidden.fill(0.0);
             match bias {
                 Some(b) => {
-                    let b = &b[r * row_len..(r + 1) * row_len];
+                    let b = &b[r * bias_stride..][..row.len()];
                     for (s, &b) in row.iter_mut().zip(b) {
                         *s = *s * scale + b;
                     }
@@ -168,15 +181,81 @@ multiversion! {
     }
 }
 
-/// Shapes of an attention call: `q: [batch, heads, queries, dk]`, `k: [batch, heads,
-/// keys, dk]`, `v: [batch, heads, keys, dv]`, and a bias of `[bias_batch, bias_heads,
-/// queries, keys]` with `bias_batch` 1 or `batch` and `bias_heads` 1 or `heads`.
+/// A 4-axis f32 operand read in place, in whatever layout it has: element `[i, j, r, c]`
+/// is `data[offset + i·s0 + j·s1 + r·s2 + c·s3]`. Attention takes its heads as views
+/// (`[b, t, h, d]` projections seen as `[b, h, t, d]`), so nothing is copied into a
+/// head-major layout first.
+#[derive(Debug, Clone, Copy)]
+pub struct Strided<'a> {
+    data: &'a [f32],
+    offset: usize,
+    strides: [usize; 4],
+}
+
+impl<'a> Strided<'a> {
+    /// The operand of `shape` at `offset` with `strides` in `data`; `None` when a stride is
+    /// negative, an axis is empty, or an index of `shape` would fall outside `data`.
+    pub fn new(
+        data: &'a [f32],
+        offset: usize,
+        shape: [usize; 4],
+        strides: [isize; 4],
+    ) -> Option<Self> {
+        let mut last = offset;
+        let mut st = [0usize; 4];
+        for i in 0..4 {
+            st[i] = usize::try_from(strides[i]).ok()?;
+            last = last.checked_add(shape[i].checked_sub(1)?.checked_mul(st[i])?)?;
+        }
+        (last < data.len()).then_some(Self {
+            data,
+            offset,
+            strides: st,
+        })
+    }
+
+    /// A row-major operand of `shape` filling `data`.
+    pub fn contiguous(data: &'a [f32], shape: [usize; 4]) -> Self {
+        assert_eq!(
+            data.len(),
+            shape.iter().product::<usize>(),
+            "shape {shape:?}"
+        );
+        let [_, a, b, c] = shape;
+        Self {
+            data,
+            offset: 0,
+            strides: [a * b * c, b * c, c, 1],
+        }
+    }
+
+    /// Pointer to element `[i, j, r, 0]`, with the row and column strides of the matrix
+    /// `[r.., ..]` there.
+    fn matrix(&self, i: usize, j: usize, r: usize) -> (*const f32, usize, usize) {
+        let [s0, s1, s2, s3] = self.strides;
+        let at = self.offset + i * s0 + j * s1 + r * s2;
+        (self.data[at..].as_ptr(), s2, s3)
+    }
+
+    /// The same matrix transposed: rows become columns.
+    fn matrix_t(&self, i: usize, j: usize, r: usize) -> (*const f32, usize, usize) {
+        let (ptr, rs, cs) = self.matrix(i, j, r);
+        (ptr, cs, rs)
+    }
+}
+
+/// Shapes of an attention call: `q: [batch, heads, queries, dk]`, `k: [batch, kv_heads,
+/// keys, dk]`, `v: [batch, kv_heads, keys, dv]`, query head `i` reading key/value head
+/// `i / (heads / kv_heads)`, and a bias of `[bias_batch, bias_heads, bias_queries, keys]`
+/// broadcast over the axes where it has 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttentionDims {
     /// Batch size.
     pub batch: usize,
-    /// Heads.
+    /// Query heads.
     pub heads: usize,
+    /// Key/value heads (divides `heads`).
+    pub kv_heads: usize,
     /// Query positions.
     pub queries: usize,
     /// Key positions.
@@ -189,24 +268,58 @@ pub struct AttentionDims {
     pub bias_batch: usize,
     /// Head rows of the bias (1 or `heads`).
     pub bias_heads: usize,
+    /// Query rows of the bias (1 or `queries`).
+    pub bias_queries: usize,
+    /// Query `r` sees keys `0..=r + keys - queries` only (the queries are the last
+    /// `queries` positions of the `keys`); the rest is neither computed nor read.
+    pub causal: bool,
 }
 
 impl AttentionDims {
-    /// The bias rows `[queries, keys]` that batch-head `bh` reads.
-    fn bias_rows<'a>(&self, bias: Option<&'a [f32]>, bh: usize) -> Option<&'a [f32]> {
-        let (b, h) = (bh / self.heads, bh % self.heads);
+    /// Query heads per key/value head.
+    fn group(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+
+    /// How many keys query `r` sees.
+    fn visible(&self, r: usize) -> usize {
+        if self.causal {
+            (r + 1 + self.keys)
+                .saturating_sub(self.queries)
+                .min(self.keys)
+        } else {
+            self.keys
+        }
+    }
+
+    /// The bias rows that batch `b`, head `h` and queries `rows` read, and their stride.
+    fn bias_rows<'a>(
+        &self,
+        bias: Option<&'a [f32]>,
+        (b, h): (usize, usize),
+        rows: &std::ops::Range<usize>,
+    ) -> (Option<&'a [f32]>, usize) {
         let (bb, hb) = (b % self.bias_batch, h % self.bias_heads);
-        let plane = self.queries * self.keys;
-        bias.map(|bias| &bias[(bb * self.bias_heads + hb) * plane..][..plane])
+        let first = if self.bias_queries == 1 {
+            0
+        } else {
+            rows.start
+        };
+        let stride = if self.bias_queries == 1 { 0 } else { self.keys };
+        let plane = (bb * self.bias_heads + hb) * self.bias_queries;
+        (
+            bias.map(|bias| &bias[(plane + first) * self.keys..]),
+            stride,
+        )
     }
 }
 
 /// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]`, each operand given by its pointer and its row
-/// and column strides (in elements); single-threaded (the callers split work by head).
+/// and column strides (in elements); single-threaded (the callers split the work).
 ///
 /// # Safety
 /// Every element the strides reach must lie inside the operand's allocation, and `dst`
-/// must not overlap the inputs.
+/// must not overlap the inputs or be written by another thread meanwhile.
 #[allow(clippy::too_many_arguments)]
 unsafe fn matmul(
     (m, n, k): (usize, usize, usize),
@@ -216,6 +329,9 @@ unsafe fn matmul(
     (lhs, lhs_rs, lhs_cs): (*const f32, usize, usize),
     (rhs, rhs_rs, rhs_cs): (*const f32, usize, usize),
 ) {
+    if m == 0 || n == 0 {
+        return;
+    }
     // SAFETY: guaranteed by the caller.
     unsafe {
         gemm::gemm(
@@ -242,71 +358,115 @@ unsafe fn matmul(
     }
 }
 
-/// The probabilities `softmax(q_blk kᵀ · scale + bias_blk)` of the query rows
-/// `rows` of one batch-head, into `p` (`rows.len() x keys`).
-fn block_probabilities(
-    d: &AttentionDims,
-    q: &[f32],
-    k: &[f32],
-    bias: Option<&[f32]>,
-    rows: std::ops::Range<usize>,
-    scale: f32,
-    p: &mut [f32],
-) {
-    let n = rows.len();
-    let (s, dk) = (d.keys, d.dk);
-    // SAFETY: q holds the block's `n x dk` rows, k is `keys x dk`, p is `n x keys`.
-    unsafe {
-        matmul(
-            (n, s, dk),
-            p.as_mut_ptr(),
-            s,
-            false,
-            (q[rows.start * dk..].as_ptr(), dk, 1),
-            (k.as_ptr(), 1, dk),
-        );
-    }
-    let bias = bias.map(|b| &b[rows.start * s..rows.end * s]);
-    softmax_rows(&mut p[..n * s], s, scale, bias);
+/// The operands of one attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionInputs<'a> {
+    /// `[batch, heads, queries, dk]`.
+    pub q: Strided<'a>,
+    /// `[batch, kv_heads, keys, dk]`.
+    pub k: Strided<'a>,
+    /// `[batch, kv_heads, keys, dv]`.
+    pub v: Strided<'a>,
+    /// Contiguous `[bias_batch, bias_heads, bias_queries, keys]`, added to the scores.
+    pub bias: Option<&'a [f32]>,
+    /// The shapes.
+    pub dims: AttentionDims,
+    /// Multiplies `q kᵀ` before the bias is added.
+    pub scale: f32,
 }
 
-/// `softmax(q kᵀ · scale + bias) v`, `[batch, heads, queries, dv]`, for contiguous
-/// row-major `q`, `k`, `v` and `bias` of the shapes in `d`.
-pub fn attention(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    bias: Option<&[f32]>,
-    d: AttentionDims,
-    scale: f32,
-) -> Vec<f32> {
-    let (t, s, dk, dv) = (d.queries, d.keys, d.dk, d.dv);
-    let mut out = vec![0.0f32; d.batch * d.heads * t * dv];
-    out.par_chunks_mut(t * dv)
+impl AttentionInputs<'_> {
+    /// The probabilities of query head `h`'s rows `rows` in batch `b` over the keys the
+    /// block's last row sees, into `p` (`rows.len() x` that many, row-major); returns how
+    /// many keys that is.
+    fn block_probabilities(
+        &self,
+        (b, h): (usize, usize),
+        rows: std::ops::Range<usize>,
+        p: &mut [f32],
+    ) -> usize {
+        let d = &self.dims;
+        let n = rows.len();
+        let kl = d.visible(rows.end - 1);
+        let kv = h / d.group();
+        // SAFETY: `Strided::new` checked that every index of q and k is inside their
+        // data; p holds `n x kl` floats.
+        unsafe {
+            matmul(
+                (n, kl, d.dk),
+                p.as_mut_ptr(),
+                kl,
+                false,
+                self.q.matrix(b, h, rows.start),
+                self.k.matrix_t(b, kv, 0),
+            );
+        }
+        let mut visible = [0usize; BLOCK];
+        for (i, v) in visible[..n].iter_mut().enumerate() {
+            *v = d.visible(rows.start + i);
+        }
+        let (bias, stride) = d.bias_rows(self.bias, (b, h), &rows);
+        softmax_rows(
+            &mut p[..n * kl],
+            kl,
+            &visible[..n],
+            self.scale,
+            bias,
+            stride,
+        );
+        kl
+    }
+}
+
+/// A pointer that tasks on other threads write through, each to rows no other task writes.
+#[derive(Clone, Copy)]
+struct SharedRows(*mut f32);
+
+// SAFETY: the callers give each rayon task rows of the buffer no other task touches, and
+// the buffer outlives the parallel loop.
+unsafe impl Send for SharedRows {}
+// SAFETY: as above.
+unsafe impl Sync for SharedRows {}
+
+impl SharedRows {
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
+/// `softmax(q kᵀ · scale + bias) v` with the causal limit of `dims`, as a row-major
+/// `[batch, queries, heads, dv]` buffer (the layout the output projection reads).
+pub fn attention(a: AttentionInputs<'_>) -> Vec<f32> {
+    let d = a.dims;
+    let (t, s, h, dv) = (d.queries, d.keys, d.heads, d.dv);
+    let mut out = vec![0.0f32; d.batch * t * h * dv];
+    out.par_chunks_mut(t * h * dv)
         .enumerate()
-        .flat_map(|(bh, o)| {
-            o.par_chunks_mut(BLOCK * dv)
+        .flat_map(|(b, o)| {
+            o.par_chunks_mut(BLOCK * h * dv)
                 .enumerate()
-                .map(move |(i, o)| (bh, i, o))
+                .map(move |(i, o)| (b, i, o))
         })
         .for_each_init(
             || vec![0.0f32; BLOCK * s],
-            |p, (bh, i, o)| {
+            |p, (b, i, o)| {
                 let rows = i * BLOCK..((i + 1) * BLOCK).min(t);
                 let n = rows.len();
-                let (qh, kh) = (&q[bh * t * dk..][..t * dk], &k[bh * s * dk..][..s * dk]);
-                let vh = &v[bh * s * dv..][..s * dv];
-                block_probabilities(&d, qh, kh, d.bias_rows(bias, bh), rows, scale, p);
-                // SAFETY: p is `n x keys`, vh `keys x dv`, o the block's `n x dv` rows.
-                unsafe {
-                    matmul(
-                        (n, dv, s),
-                        o.as_mut_ptr(),
-                        dv,
-                        false,
-                        (p.as_ptr(), s, 1),
-                        (vh.as_ptr(), dv, 1),
-                    );
+                for head in 0..h {
+                    let kl = a.block_probabilities((b, head), rows.clone(), p);
+                    // SAFETY: p is `n x kl`; v's rows are checked by `Strided::new`; `o`
+                    // holds the block's `n` rows of `h x dv`, so head `head`'s `n x dv`
+                    // values at row stride `h · dv` lie inside it.
+                    unsafe {
+                        matmul(
+                            (n, dv, kl),
+                            o[head * dv..].as_mut_ptr(),
+                            h * dv,
+                            false,
+                            (p.as_ptr(), kl, 1),
+                            a.v.matrix(b, head / d.group(), 0),
+                        );
+                    }
                 }
             },
         );
@@ -314,86 +474,91 @@ pub fn attention(
 }
 
 /// The gradients `(dq, dk, dv)` of [`attention`] given the output's gradient `d_out`
-/// (`[batch, heads, queries, dv]`), recomputing each block's probabilities.
+/// (`[batch, heads, queries, dv]`, any layout), recomputing each block's probabilities.
+/// They come as row-major `[batch, queries, heads, dk]`, `[batch, keys, kv_heads, dk]`
+/// and `[batch, keys, kv_heads, dv]` buffers: the layouts of the projections they flow
+/// back into.
 pub fn attention_backward(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    bias: Option<&[f32]>,
-    d_out: &[f32],
-    d: AttentionDims,
-    scale: f32,
+    a: AttentionInputs<'_>,
+    d_out: Strided<'_>,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let (t, s, dk, dv) = (d.queries, d.keys, d.dk, d.dv);
-    let bh_count = d.batch * d.heads;
-    let mut dq = vec![0.0f32; bh_count * t * dk];
-    let mut dkey = vec![0.0f32; bh_count * s * dk];
-    let mut dval = vec![0.0f32; bh_count * s * dv];
-    dq.par_chunks_mut(t * dk)
-        .zip(dkey.par_chunks_mut(s * dk))
-        .zip(dval.par_chunks_mut(s * dv))
-        .enumerate()
-        .for_each_init(
-            || (vec![0.0f32; BLOCK * s], vec![0.0f32; BLOCK * s]),
-            |(p, dp), (bh, ((dqh, dkh), dvh))| {
-                let qh = &q[bh * t * dk..][..t * dk];
-                let kh = &k[bh * s * dk..][..s * dk];
-                let vh = &v[bh * s * dv..][..s * dv];
-                let doh = &d_out[bh * t * dv..][..t * dv];
-                let bias = d.bias_rows(bias, bh);
+    let d = a.dims;
+    let (t, s, h, kvh, dk, dv) = (d.queries, d.keys, d.heads, d.kv_heads, d.dk, d.dv);
+    let mut dq = vec![0.0f32; d.batch * t * h * dk];
+    let mut dkey = vec![0.0f32; d.batch * s * kvh * dk];
+    let mut dval = vec![0.0f32; d.batch * s * kvh * dv];
+    let (dq_rows, dk_rows, dv_rows) = (
+        SharedRows(dq.as_mut_ptr()),
+        SharedRows(dkey.as_mut_ptr()),
+        SharedRows(dval.as_mut_ptr()),
+    );
+    (0..d.batch * kvh).into_par_iter().for_each_init(
+        || (vec![0.0f32; BLOCK * s], vec![0.0f32; BLOCK * s]),
+        |(p, dp), task| {
+            let (b, kv) = (task / kvh, task % kvh);
+            // This task alone writes key/value head `kv` of batch `b` in dk and dv, and
+            // the query heads of its group in dq.
+            let dk_head = dk_rows.at((b * s * kvh + kv) * dk);
+            let dv_head = dv_rows.at((b * s * kvh + kv) * dv);
+            for head in kv * d.group()..(kv + 1) * d.group() {
                 for r0 in (0..t).step_by(BLOCK) {
                     let rows = r0..(r0 + BLOCK).min(t);
                     let n = rows.len();
-                    block_probabilities(&d, qh, kh, bias, rows, scale, p);
-                    let (qb, dob) = (qh[r0 * dk..].as_ptr(), doh[r0 * dv..].as_ptr());
-                    // SAFETY: p and dp are `n x keys`; qb, dob and dqh's block are the
-                    // block's `n` rows of q, d_out and dq; kh, vh, dkh, dvh are whole heads.
+                    let kl = a.block_probabilities((b, head), rows, p);
+                    if kl == 0 {
+                        continue;
+                    }
+                    let dob = d_out.matrix(b, head, r0);
+                    // SAFETY: p and dp hold `n x kl`; q, k, v and d_out are checked by
+                    // `Strided::new`; dk_head and dv_head address `kl <= s` rows at stride
+                    // `kvh · d` inside this task's head, dq's block `n` rows at stride
+                    // `h · dk` of this task's query head, inside the buffers.
                     unsafe {
                         // dV += Pᵀ dO
                         matmul(
-                            (s, dv, n),
-                            dvh.as_mut_ptr(),
-                            dv,
+                            (kl, dv, n),
+                            dv_head,
+                            kvh * dv,
                             true,
-                            (p.as_ptr(), 1, s),
-                            (dob, dv, 1),
+                            (p.as_ptr(), 1, kl),
+                            dob,
                         );
                         // dP = dO Vᵀ
                         matmul(
-                            (n, s, dv),
+                            (n, kl, dv),
                             dp.as_mut_ptr(),
-                            s,
+                            kl,
                             false,
-                            (dob, dv, 1),
-                            (vh.as_ptr(), 1, dv),
+                            dob,
+                            a.v.matrix_t(b, kv, 0),
                         );
                     }
-                    softmax_backward_rows(&mut dp[..n * s], &p[..n * s], s, scale);
+                    softmax_backward_rows(&mut dp[..n * kl], &p[..n * kl], kl, a.scale);
                     // SAFETY: as above; dp now holds dS · scale.
                     unsafe {
                         // dQ = dS K
-                        let dqb = dqh[r0 * dk..].as_mut_ptr();
                         matmul(
-                            (n, dk, s),
-                            dqb,
-                            dk,
+                            (n, dk, kl),
+                            dq_rows.at(((b * t + r0) * h + head) * dk),
+                            h * dk,
                             false,
-                            (dp.as_ptr(), s, 1),
-                            (kh.as_ptr(), dk, 1),
+                            (dp.as_ptr(), kl, 1),
+                            a.k.matrix(b, kv, 0),
                         );
                         // dK += dSᵀ Q
                         matmul(
-                            (s, dk, n),
-                            dkh.as_mut_ptr(),
-                            dk,
+                            (kl, dk, n),
+                            dk_head,
+                            kvh * dk,
                             true,
-                            (dp.as_ptr(), 1, s),
-                            (qb, dk, 1),
+                            (dp.as_ptr(), 1, kl),
+                            a.q.matrix(b, head, r0),
                         );
                     }
                 }
-            },
-        );
+            }
+        },
+    );
     (dq, dkey, dval)
 }
 
@@ -762,7 +927,7 @@ mod tests {
         bias[row_len..2 * row_len].fill(f32::NEG_INFINITY);
         bias[row_len + 4] = 0.0;
         let mut ours = scores.clone();
-        softmax_rows(&mut ours, row_len, 0.3, Some(&bias));
+        softmax_rows(&mut ours, row_len, &[row_len; 3], 0.3, Some(&bias), row_len);
         for r in 0..3 {
             let row: Vec<f64> = (0..row_len)
                 .map(|j| f64::from(scores[r * row_len + j] * 0.3 + bias[r * row_len + j]))
@@ -782,9 +947,22 @@ mod tests {
         softmax_rows(
             &mut masked,
             row_len,
+            &[row_len],
             1.0,
             Some(&vec![f32::NEG_INFINITY; row_len]),
+            0,
         );
         assert!(masked.iter().all(|&p| p == 0.0));
+        // Entries past a row's visible count are zero, and the rest a softmax of their own.
+        let mut causal = vec![1.0f32; 2 * row_len];
+        softmax_rows(&mut causal, row_len, &[1, 5], 1.0, None, 0);
+        assert_eq!(causal[0], 1.0);
+        assert!(causal[1..row_len].iter().all(|&p| p == 0.0));
+        assert!(
+            causal[row_len..row_len + 5]
+                .iter()
+                .all(|&p| (p - 0.2).abs() < 1e-7)
+        );
+        assert!(causal[row_len + 5..].iter().all(|&p| p == 0.0));
     }
 }

@@ -90,8 +90,6 @@ fn rotate<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -
 /// What every metric attention of a forward pass shares.
 #[derive(Debug, Clone)]
 pub struct MetricTables<B: Backend> {
-    /// Causal bias `[1, 1, seq, seq]`.
-    pub bias: Tensor<B, 4>,
     /// Plain RoPE angles `[seq, head_dim / 2]`.
     pub base_angles: Tensor<B, 2>,
     /// Fourier basis `[seq, 2 * fourier]`.
@@ -123,7 +121,6 @@ impl<B: KilnBackend> MetricTables<B> {
             basis.extend((1..=fourier).map(|f| (w * f as f64).cos() as f32));
         }
         Self {
-            bias: crate::qwen2::causal_bias::<B>(0, seq, 1, device).reshape([1, 1, seq, seq]),
             base_angles: Tensor::from_data(TensorData::new(base, [seq, half]), device),
             basis: Tensor::from_data(TensorData::new(basis, [seq, 2 * fourier]), device),
         }
@@ -329,8 +326,9 @@ impl<B: KilnBackend> MetricAttention<B> {
             q_aug.swap_dims(1, 2).into_primitive().tensor(), // [b, h, t, e+1]
             k_aug.swap_dims(1, 2).into_primitive().tensor(), // [b, h, t, e+1]
             v.swap_dims(1, 2).into_primitive().tensor(),     // [b, h, t, e]
-            Some(tables.bias.clone().into_primitive().tensor()),
+            None,
             1.0,
+            true,
         ))); // [b, h, t, e]
         let out = out.swap_dims(1, 2).reshape([b, t, h * e]);
         (self.o_proj.dense(out), Geometry { q, k, s })

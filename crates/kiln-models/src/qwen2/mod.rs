@@ -76,12 +76,17 @@ impl<B: KilnBackend> Attention<B> {
     /// # Shapes
     /// - x: `[batch, seq, hidden]`
     /// - rope: cos and sin, each `[seq, head_dim]`
-    /// - bias: `[1 or batch, 1, groups * seq, seq]`, added to the scores: 0 where visible,
-    ///   -inf above the diagonal, a large negative number on padding keys
+    /// - bias: `[batch, 1, 1, seq]`, added to the scores: a large negative number on
+    ///   padding keys, 0 elsewhere; `None` without padding. Attention is causal either way.
     /// - returns `[batch, seq, hidden]`
-    pub fn forward(&self, x: Tensor<B, 3>, rope: &Rope<B>, bias: &Tensor<B, 4>) -> Tensor<B, 3> {
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &Rope<B>,
+        bias: Option<&Tensor<B, 4>>,
+    ) -> Tensor<B, 3> {
         let (q, k, v) = self.qkv(x, rope);
-        self.attend(q, k, v, Some(bias))
+        self.attend(q, k, v, bias)
     }
 
     /// Attention of the new tokens `x` over the cached ones and themselves; appends their
@@ -90,8 +95,8 @@ impl<B: KilnBackend> Attention<B> {
     /// # Shapes
     /// - x: `[batch, seq, hidden]`, the new tokens
     /// - rope: cos and sin at the new tokens' absolute positions, each `[seq, head_dim]`
-    /// - bias: `[1, 1, groups * seq, past + seq]` (see [`Attention::forward`]), or `None`
-    ///   when every query sees every key (a single new token)
+    /// - bias: `[batch, 1, 1, past + seq]` on padding keys (see [`Attention::forward`]), or
+    ///   `None`; the new tokens see the cached ones and the new ones up to themselves
     /// - kv: keys and values `[batch, kv_heads, past, head_dim]`, `None` when `past` is 0;
     ///   `[batch, kv_heads, past + seq, head_dim]` on return
     /// - returns `[batch, seq, hidden]`
@@ -142,12 +147,13 @@ impl<B: KilnBackend> Attention<B> {
         (q, k, v)
     }
 
-    /// Scaled dot-product attention of `t` queries over `s` keys, then the output projection.
+    /// Causal scaled dot-product attention of `t` queries (the last `t` positions) over `s`
+    /// keys, then the output projection.
     ///
     /// # Shapes
     /// - q: `[batch, heads, t, head_dim]`
     /// - k, v: `[batch, kv_heads, s, head_dim]`
-    /// - bias: `[1 or batch, 1, groups * t, s]`; `None` adds nothing
+    /// - bias: `[1 or batch, 1, 1, s]`; `None` adds nothing
     /// - returns `[batch, t, hidden]`
     fn attend(
         &self,
@@ -156,25 +162,21 @@ impl<B: KilnBackend> Attention<B> {
         v: Tensor<B, 4>,
         bias: Option<&Tensor<B, 4>>,
     ) -> Tensor<B, 3> {
-        let [b, _, t, _] = q.dims();
-        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let g = h / kvh;
-        // Query head `i` uses key/value head `i / g` (Hugging Face's `repeat_kv`): fold the
-        // `g` query heads of a group into the sequence axis instead of copying K and V.
-        let q = q.reshape([b, kvh, g * t, d]); // [b, kvh, g*t, d]
+        let [b, h, t, d] = q.dims();
         let scale = 1.0 / (d as f64).sqrt();
-        // softmax(q kᵀ · scale + bias) v, without keeping the scores for the backward pass.
+        // softmax(q kᵀ · scale + bias) v, causal, without keeping the scores for the
+        // backward pass. Query head `i` reads key/value head `i / (h / kv_heads)` (Hugging
+        // Face's `repeat_kv`, without the copy). On the CPU the heads are read in place
+        // from the projections' [b, t, heads, d] layout, and the output comes back in it.
         let out = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(B::kiln_attention(
             q.into_primitive().tensor(),
             k.into_primitive().tensor(),
             v.into_primitive().tensor(),
             bias.map(|b| b.clone().into_primitive().tensor()),
             scale,
-        ))); // [b, kvh, g*t, d]
-        let out = out
-            .reshape([b, h, t, d])
-            .swap_dims(1, 2)
-            .reshape([b, t, h * d]); // [b, t, h*d]
+            true,
+        ))); // [b, h, t, d]
+        let out = out.swap_dims(1, 2).reshape([b, t, h * d]); // [b, t, h*d]
         self.o_proj.forward(out)
     }
 }
@@ -216,7 +218,12 @@ pub struct DecoderLayer<B: KilnBackend> {
 impl<B: KilnBackend> DecoderLayer<B> {
     /// # Shapes
     /// - x: `[batch, seq, hidden]` -> `[batch, seq, hidden]`
-    pub fn forward(&self, x: Tensor<B, 3>, rope: &Rope<B>, bias: &Tensor<B, 4>) -> Tensor<B, 3> {
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &Rope<B>,
+        bias: Option<&Tensor<B, 4>>,
+    ) -> Tensor<B, 3> {
         self.residual(x, |x| self.self_attn.forward(x, rope, bias))
     }
 
@@ -325,15 +332,11 @@ impl<B: KilnBackend> Qwen2ForCausalLM<B> {
         let device = input_ids.device();
         let [b, t] = input_ids.dims();
         let first = &self.model.layers[0].self_attn;
-        let g = first.num_heads / first.num_kv_heads;
         let rope = Rope::new(t, first.head_dim, self.config.rope_theta, &device);
-        let mut bias = causal_bias::<B>(0, t, g, &device).unsqueeze::<4>(); // [1, 1, g*t, t]
-        if let Some(pad) = padding {
-            // A large finite value, not -inf: a padding query whose every key is masked
-            // must still get a finite softmax, or its NaN would leak through `0 * NaN`.
-            let pad_bias = pad.float().mul_scalar(-1e9).reshape([b, 1, 1, t]); // [b, 1, 1, t]
-            bias = bias + pad_bias;
-        }
+        // Attention masks the future itself (causal); the bias only masks padding keys.
+        // A large finite value, not -inf: a padding query whose every key is masked must
+        // still get a finite softmax, or its NaN would leak through `0 * NaN`.
+        let bias = padding.map(|pad| pad.float().mul_scalar(-1e9).reshape([b, 1, 1, t]));
         LayerContext { rope, bias }
     }
 
@@ -353,7 +356,7 @@ impl<B: KilnBackend> Qwen2ForCausalLM<B> {
     /// # Shapes
     /// - x: `[batch, seq, hidden]` -> `[batch, seq, hidden]`
     pub fn layer(&self, i: usize, x: Tensor<B, 3>, ctx: &LayerContext<B>) -> Tensor<B, 3> {
-        self.model.layers[i].forward(x, &ctx.rope, &ctx.bias)
+        self.model.layers[i].forward(x, &ctx.rope, ctx.bias.as_ref())
     }
 
     /// Number of decoder layers.
@@ -405,20 +408,17 @@ impl<B: KilnBackend> Qwen2ForCausalLM<B> {
         }
         let past = cache.len;
         let first = &self.model.layers[0].self_attn;
-        let g = first.num_heads / first.num_kv_heads;
         let rope = Rope::at(
             past..past + t,
             first.head_dim,
             self.config.rope_theta,
             &device,
         );
-        // A single new token sees every cached key and itself: nothing to mask.
-        let bias = (t > 1).then(|| {
-            causal_bias::<B>(past, t, g, &device).unsqueeze::<4>() // [1, 1, g*t, past+t]
-        });
+        // Causal attention lets each new token see the cached keys and the new ones up to
+        // itself: nothing else to mask.
         let mut x = self.model.embed_tokens.forward(input_ids); // [b, t, hidden]
         for (layer, kv) in self.model.layers.iter().zip(&mut cache.layers) {
-            x = layer.forward_cached(x, &rope, bias.as_ref(), kv);
+            x = layer.forward_cached(x, &rope, None, kv);
         }
         cache.len += t;
         self.logits(x)
@@ -490,11 +490,12 @@ impl<B: KilnBackend> KvCache<B> {
     }
 }
 
-/// RoPE tables and attention bias shared by the layers of one forward pass.
+/// RoPE tables and the padding bias shared by the layers of one forward pass.
 #[derive(Debug, Clone)]
 pub struct LayerContext<B: KilnBackend> {
     rope: Rope<B>,
-    bias: Tensor<B, 4>,
+    /// `[batch, 1, 1, seq]`, when the batch has padding.
+    bias: Option<Tensor<B, 4>>,
 }
 
 /// Rotate-half rotary embedding tables for a range of positions.
@@ -543,29 +544,6 @@ impl<B: KilnBackend> Rope<B> {
             self.sin.clone().into_primitive().tensor(),
         )))
     }
-}
-
-/// Additive causal mask of `seq` new queries after `past` cached keys, for `groups` query
-/// heads folded into the sequence axis.
-///
-/// # Shapes
-/// - returns `[groups * seq, past + seq]`: row `r` is query position `past + r % seq`, which
-///   sees keys `0..=past + r % seq`
-pub(crate) fn causal_bias<B: KilnBackend>(
-    past: usize,
-    seq: usize,
-    groups: usize,
-    device: &B::Device,
-) -> Tensor<B, 2> {
-    let keys = past + seq;
-    let mut bias = vec![0.0f32; groups * seq * keys];
-    for r in 0..groups * seq {
-        let pos = past + r % seq;
-        for c in pos + 1..keys {
-            bias[r * keys + c] = f32::NEG_INFINITY;
-        }
-    }
-    Tensor::from_data(TensorData::new(bias, [groups * seq, keys]), device)
 }
 
 #[cfg(test)]
@@ -643,23 +621,5 @@ mod tests {
     #[test]
     fn cached_decoding_matches_full_forward_on_flex() {
         cached_matches_full::<Flex>();
-    }
-
-    #[test]
-    fn causal_bias_with_cached_keys() {
-        let device = Default::default();
-        let got = causal_bias::<NdArray>(2, 2, 2, &device)
-            .into_data()
-            .into_vec::<f32>()
-            .unwrap();
-        let inf = f32::NEG_INFINITY;
-        #[rustfmt::skip]
-        let want = [
-            0.0, 0.0, 0.0, inf, // group 0, position 2
-            0.0, 0.0, 0.0, 0.0, // group 0, position 3
-            0.0, 0.0, 0.0, inf, // group 1, position 2
-            0.0, 0.0, 0.0, 0.0, // group 1, position 3
-        ];
-        assert_eq!(got, want);
     }
 }
