@@ -622,11 +622,9 @@ fn blocked_attention_backward<B: Backend>(
     let d_out = float::<B, 4>(d_out);
     let q = float::<B, 4>(q);
     let [_, h, t, _] = q.dims();
-    let kv_heads = float::<B, 4>(k.clone()).dims()[1];
-    let (k, v) = (
-        repeat_kv(float::<B, 4>(k), h),
-        repeat_kv(float::<B, 4>(v), h),
-    );
+    let k = float::<B, 4>(k);
+    let kv_heads = k.dims()[1];
+    let (k, v) = (repeat_kv(k, h), repeat_kv(float::<B, 4>(v), h));
     let bias = bias.map(float::<B, 4>);
     let s = k.dims()[2];
     let device = q.device();
