@@ -54,7 +54,8 @@ fn rotate(n: usize, x: &mut usize, y: &mut usize, rx: usize, ry: usize) {
 /// For every position of a sequence of length `seq`, the sequence indices of the cells in
 /// its `kernel x kernel` window whose token comes earlier (`include_centre`: or is itself),
 /// as `seq * kernel^2` indices in window order with a 0/1 mask; a tap outside the grid, on a
-/// later or absent token, is masked (index 0).
+/// later or absent token, is masked and indexes position `seq` (one past the sequence, where
+/// the convolution puts a row of zeros, so the gather needs no mask multiplication).
 #[derive(Debug, Clone, PartialEq)]
 pub struct GridTaps {
     /// Sequence index of each tap, `[seq * kernel^2]`.
@@ -82,7 +83,7 @@ impl GridTaps {
                         usize::MAX
                     };
                     let used = inside && (s < t || (include_centre && s == t));
-                    index.push(if used { s as i64 } else { 0 });
+                    index.push(if used { s as i64 } else { seq as i64 });
                     mask.push(if used { 1.0 } else { 0.0 });
                 }
             }
@@ -132,9 +133,13 @@ mod tests {
                 let i = t * 9 + j;
                 if first.mask[i] > 0.0 {
                     assert!((first.index[i] as usize) < t);
+                } else {
+                    assert_eq!(first.index[i], 23, "an unused tap reads the zero row");
                 }
                 if later.mask[i] > 0.0 {
                     assert!((later.index[i] as usize) <= t);
+                } else {
+                    assert_eq!(later.index[i], 23);
                 }
             }
             // The centre tap (j = 4) is the token itself.

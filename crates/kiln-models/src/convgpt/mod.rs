@@ -24,10 +24,10 @@
 //!   first 2D convolution adds only its neighbours, and later ones also mix the token's own
 //!   running state.) Cells of positions beyond the sequence are empty. It is computed in
 //!   time proportional to the tokens present, not to the grid: the `k^2` neighbour indices
-//!   of every position are built once per sequence length ([`hilbert::GridTaps`]), the
-//!   inputs gathered, masked and multiplied by the `[k^2 * hidden, hidden]` kernel in one
-//!   matmul. It is a full (channel-mixing) kernel, as a 2D convolution layer is; the 1D
-//!   branch is depthwise, so the two branches see different things (folded longer context
+//!   of every position are built once per sequence length ([`hilbert::GridTaps`]; unused taps
+//!   point at a zero row appended to the input), the inputs gathered and multiplied by the
+//!   `[k^2 * hidden, hidden]` kernel in one matmul. It is a full (channel-mixing) kernel,
+//!   as a 2D convolution layer is; the 1D branch is depthwise, so the two branches see different things (folded longer context
 //!   with mixing, against the immediate past per channel).
 //! - *Gated fusion*: a sigmoid gate per token and channel from both branches chooses
 //!   between them (a convex mix), then one output projection.
@@ -435,28 +435,32 @@ pub struct ConvLayer<B: KilnBackend> {
 /// What the layers of one forward pass share: the grid taps and the rotary tables.
 #[derive(Debug, Clone)]
 pub struct ConvgptContext<B: KilnBackend> {
-    /// Taps without the centre (first layer): indices `[seq * k^2]`, mask `[1, seq, k^2, 1]`.
-    pub first_taps: (Tensor<B, 1, Int>, Tensor<B, 4>),
+    /// Taps without the centre (first layer), `[seq * k^2]` positions; an unused tap reads
+    /// position `seq`, the zero row the convolution appends.
+    pub first_taps: Tensor<B, 1, Int>,
     /// Taps with the centre (later layers).
-    pub taps: (Tensor<B, 1, Int>, Tensor<B, 4>),
+    pub taps: Tensor<B, 1, Int>,
     /// RoPE tables of the memory heads.
     pub rope: Rope<B>,
 }
 
 impl<B: KilnBackend> ConvLayer<B> {
-    /// The causal 2D convolution over the grid.
+    /// The causal 2D convolution over the grid: the taps of every position gathered from
+    /// `x` with a zero row appended (where unused taps point), then one matmul with the
+    /// kernel.
     ///
     /// # Shapes
     /// - x: `[batch, seq, hidden]` -> `[batch, seq, hidden]`
     pub fn conv2d(&self, x: Tensor<B, 3>, ctx: &ConvgptContext<B>) -> Tensor<B, 3> {
         let [b, t, d] = x.dims();
-        let (idx, mask) = if self.first {
+        let idx = if self.first {
             &ctx.first_taps
         } else {
             &ctx.taps
         };
         let k2 = idx.dims()[0] / t;
-        let taps = x.select(1, idx.clone()).reshape([b, t, k2, d]) * mask.clone(); // [b, t, k2, d]
+        let padded = Tensor::cat(vec![x, Tensor::zeros([b, 1, d], &idx.device())], 1);
+        let taps = padded.select(1, idx.clone()); // [b, t * k2, d]
         taps.reshape([b * t, k2 * d])
             .matmul(self.conv2d.val())
             .reshape([b, t, d])
@@ -529,11 +533,7 @@ impl<B: KilnBackend> ConvgptModel<B> {
         let k2 = c.conv2d_kernel * c.conv2d_kernel;
         let build = |centre: bool| {
             let taps = GridTaps::new(c.grid_order, t, c.conv2d_kernel, centre);
-            (
-                Tensor::<B, 1, Int>::from_data(TensorData::new(taps.index, [t * k2]), &device),
-                Tensor::<B, 1>::from_data(TensorData::new(taps.mask, [t * k2]), &device)
-                    .reshape([1, t, k2, 1]),
-            )
+            Tensor::<B, 1, Int>::from_data(TensorData::new(taps.index, [t * k2]), &device)
         };
         ConvgptContext {
             first_taps: build(false),
@@ -681,6 +681,56 @@ mod tests {
                     ya, yb,
                     "length {len}: the first 2D conv saw token {t} itself"
                 );
+            }
+        }
+    }
+
+    /// The 2D branch equals its definition written as loops: for every position, the sum
+    /// over the window's used taps of the tapped input times the tap's `[hidden, hidden]`
+    /// block of the kernel (with and without the centre, at a length that leaves the grid's
+    /// last cells empty).
+    #[test]
+    fn the_2d_convolution_is_the_sum_over_used_taps() {
+        let cfg = tiny();
+        let device = Default::default();
+        let model = cfg.init::<B>(&Init::new(3), &device);
+        let (b, t, d, k2) = (2usize, 23usize, 16usize, 9usize);
+        let x = Tensor::<B, 3>::random(
+            [b, t, d],
+            burn::tensor::Distribution::Normal(0.0, 1.0),
+            &device,
+        );
+        let ctx = model.layer_context(&ids(&[0; 23]));
+        let xs = x.to_data().to_vec::<f32>().expect("f32");
+        for (layer, centre) in [(0usize, false), (1, true)] {
+            let l = &model.layers[layer];
+            let w = l.conv2d.val().to_data().to_vec::<f32>().expect("f32");
+            let taps = GridTaps::new(cfg.grid_order, t, cfg.conv2d_kernel, centre);
+            let got = l
+                .conv2d(x.clone(), &ctx)
+                .to_data()
+                .to_vec::<f32>()
+                .expect("f32");
+            for bi in 0..b {
+                for pos in 0..t {
+                    for o in 0..d {
+                        let mut want = 0.0f32;
+                        for j in 0..k2 {
+                            if taps.mask[pos * k2 + j] == 0.0 {
+                                continue;
+                            }
+                            let s = taps.index[pos * k2 + j] as usize;
+                            for i in 0..d {
+                                want += xs[(bi * t + s) * d + i] * w[(j * d + i) * d + o];
+                            }
+                        }
+                        let g = got[(bi * t + pos) * d + o];
+                        assert!(
+                            (g - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                            "layer {layer}, batch {bi}, position {pos}, channel {o}: {g} != {want}"
+                        );
+                    }
+                }
             }
         }
     }
