@@ -27,8 +27,9 @@
 //!   of every position are built once per sequence length ([`hilbert::GridTaps`]; unused taps
 //!   point at a zero row appended to the input), the inputs gathered and multiplied by the
 //!   `[k^2 * hidden, hidden]` kernel in one matmul. It is a full (channel-mixing) kernel,
-//!   as a 2D convolution layer is; the 1D branch is depthwise, so the two branches see different things (folded longer context
-//!   with mixing, against the immediate past per channel).
+//!   as a 2D convolution layer is; the 1D branch is depthwise, so the two branches see
+//!   different things (folded longer context with mixing, against the immediate past per
+//!   channel).
 //! - *Gated fusion*: a sigmoid gate per token and channel from both branches chooses
 //!   between them (a convex mix), then one output projection.
 //! - *RoPE / no-position hybrid*: the convolutions carry relative position by construction;
