@@ -39,8 +39,8 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{ElementConversion, Int, TensorData, TensorPrimitive, s};
 
+use crate::chunk_attention::{self, ChunkDims, ChunkInputs};
 use crate::cpu;
-use crate::gather::{self, GatherDims};
 use crate::nf4::{self, NF4_LEVELS, Nf4Tensor};
 
 /// Registers each input's gradient (`$values`, in the order of `$parents`) with its node,
@@ -113,24 +113,24 @@ pub trait KilnBackend: Backend {
         tensor_ops_cross_entropy_backward::<Self>(logits, targets, d_loss)
     }
 
-    /// Attention of every query over its own keys: for `q: [rows, queries, e]`,
-    /// `k, v: [rows, keys, e]`, `idx: [rows, queries, reads]` (key positions within the row)
-    /// and a constant additive `bias: [rows, queries, reads]`, returns `[rows, queries, e]`
-    /// with `out_i = sum_j softmax_j(scale * q_i . k[idx_ij] + bias_ij) v[idx_ij]`. The
-    /// gathered keys and values are never materialized (see [`crate::gather`]); the default
-    /// computes on the host.
-    fn kiln_gather_attention(
+    /// Chunk-memory attention (see [`crate::chunk_attention`]): for `q, k, v: [batch, seq,
+    /// heads, width]` and `picks: [batch, heads, seq, n]`, the earlier chunks of `chunk`
+    /// positions each query reads (negative: none; `None`: no picks), every query attends
+    /// over its picked chunks' keys and, causally, its own chunk's:
+    /// `out_i = sum_j softmax_j(scale * q_i . k_j) v_j`, `[batch, seq, heads, width]`. The
+    /// picks are constants. The default computes on the host without building key lists.
+    fn kiln_chunk_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
-        idx: IntTensor<Self>,
-        bias: FloatTensor<Self>,
+        picks: Option<IntTensor<Self>>,
+        chunk: usize,
         scale: f64,
     ) -> FloatTensor<Self> {
         let device = Self::float_device(&q);
-        let h = HostGather::read::<Self>(q, k, v, idx, bias);
-        let out = gather::forward(&h.q, &h.k, &h.v, &h.idx, &h.bias, h.dims, scale as f32);
-        Self::float_from_data(TensorData::new(out, h.q_shape), &device)
+        let h = HostChunk::read::<Self>(q, k, v, picks, chunk);
+        let out = chunk_attention::forward(h.inputs(scale));
+        Self::float_from_data(TensorData::new(out, h.shape), &device)
     }
 
     /// SwiGLU's gate `silu(gate) ⊙ up` for `gate` and `up` of one shape.
@@ -295,8 +295,8 @@ where
 }
 
 /// A 3-D float primitive's values and dims, on the host.
-fn host_float<B: Backend>(p: FloatTensor<B>) -> (Vec<f32>, [usize; 3]) {
-    let t = float::<B, 3>(p);
+fn host_float<B: Backend>(p: FloatTensor<B>) -> (Vec<f32>, [usize; 4]) {
+    let t = float::<B, 4>(p);
     let dims = t.dims();
     let values = t
         .into_data()
@@ -308,7 +308,7 @@ fn host_float<B: Backend>(p: FloatTensor<B>) -> (Vec<f32>, [usize; 3]) {
 
 /// An int primitive's values, on the host.
 fn host_int<B: Backend>(p: IntTensor<B>) -> Vec<i64> {
-    Tensor::<B, 3, burn::tensor::Int>::from_primitive(p)
+    Tensor::<B, 4, burn::tensor::Int>::from_primitive(p)
         .into_data()
         .convert::<i64>()
         .into_vec::<i64>()
@@ -1105,117 +1105,113 @@ impl<B: KilnBackend> Backward<B, 1> for Nf4LinearBackward {
     }
 }
 
-/// The inputs of a gather attention, read back to the host.
-struct HostGather {
+/// The inputs of a chunk attention, read back to the host.
+struct HostChunk {
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
-    idx: Vec<i64>,
-    bias: Vec<f32>,
-    q_shape: [usize; 3],
-    k_shape: [usize; 3],
-    dims: GatherDims,
+    picks: Vec<i64>,
+    shape: [usize; 4],
+    dims: ChunkDims,
 }
 
-impl HostGather {
+impl HostChunk {
     fn read<B: Backend>(
         q: FloatTensor<B>,
         k: FloatTensor<B>,
         v: FloatTensor<B>,
-        idx: IntTensor<B>,
-        bias: FloatTensor<B>,
+        picks: Option<IntTensor<B>>,
+        chunk: usize,
     ) -> Self {
-        let (q, q_shape) = host_float::<B>(q);
-        let (k, k_shape) = host_float::<B>(k);
+        let (q, shape) = host_float::<B>(q);
+        let (k, _) = host_float::<B>(k);
         let (v, _) = host_float::<B>(v);
-        let (bias, _) = host_float::<B>(bias);
-        let idx = host_int::<B>(idx);
-        let dims = GatherDims {
-            rows: q_shape[0],
-            queries: q_shape[1],
-            keys: k_shape[1],
-            width: q_shape[2],
-            reads: idx.len() / (q_shape[0] * q_shape[1]).max(1),
+        let picks = picks.map(host_int::<B>).unwrap_or_default();
+        let [batch, seq, heads, width] = shape;
+        let dims = ChunkDims {
+            batch,
+            seq,
+            heads,
+            width,
+            picks: picks.len() / (batch * heads * seq).max(1),
+            chunk,
         };
         Self {
             q,
             k,
             v,
-            idx,
-            bias,
-            q_shape,
-            k_shape,
+            picks,
+            shape,
             dims,
+        }
+    }
+
+    fn inputs(&self, scale: f64) -> ChunkInputs<'_> {
+        ChunkInputs {
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            picks: &self.picks,
+            dims: self.dims,
+            scale: scale as f32,
         }
     }
 }
 
-/// The backward of [`KilnBackend::kiln_gather_attention`], recomputing the probabilities.
+/// The backward of [`KilnBackend::kiln_chunk_attention`], recomputing the probabilities.
 #[derive(Debug)]
-struct GatherAttentionBackward;
+struct ChunkAttentionBackward;
 
-/// What the gather-attention backward keeps: q, k, v, the indices, the bias and the scale.
-type GatherState<B> = (
+/// What the chunk-attention backward keeps: q, k, v, the picks, the chunk and the scale.
+type ChunkState<B> = (
     FloatTensor<B>,
     FloatTensor<B>,
     FloatTensor<B>,
-    IntTensor<B>,
-    FloatTensor<B>,
+    Option<IntTensor<B>>,
+    usize,
     f64,
 );
 
-impl<B: Backend> Backward<B, 3> for GatherAttentionBackward {
-    type State = GatherState<B>;
+impl<B: Backend> Backward<B, 3> for ChunkAttentionBackward {
+    type State = ChunkState<B>;
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let d_out = grads.consume::<B>(&ops.node);
-        let (q, k, v, idx, bias, scale) = ops.state;
+        let (q, k, v, picks, chunk, scale) = ops.state;
         let device = B::float_device(&q);
         let (d_out, _) = host_float::<B>(d_out);
-        let h = HostGather::read::<B>(q, k, v, idx, bias);
-        let (dq, dk, dv) = gather::backward(
-            &h.q,
-            &h.k,
-            &h.v,
-            &h.idx,
-            &h.bias,
-            &d_out,
-            h.dims,
-            scale as f32,
-        );
-        let (qs, ks) = (h.q_shape, h.k_shape);
-        let values = [(dq, qs), (dk, ks), (dv, ks)]
-            .map(|(grad, shape)| B::float_from_data(TensorData::new(grad, shape), &device));
+        let h = HostChunk::read::<B>(q, k, v, picks, chunk);
+        let values = chunk_attention::backward(h.inputs(scale), &d_out)
+            .map(|grad| B::float_from_data(TensorData::new(grad, h.shape), &device));
         register!(B, grads, ops.parents, values);
     }
 }
 
 impl<B: KilnBackend, C: CheckpointStrategy> KilnBackend for Autodiff<B, C> {
-    fn kiln_gather_attention(
+    fn kiln_chunk_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
-        idx: IntTensor<Self>,
-        bias: FloatTensor<Self>,
+        picks: Option<IntTensor<Self>>,
+        chunk: usize,
         scale: f64,
     ) -> FloatTensor<Self> {
-        // The indices and the bias are constants (the selection is not differentiated).
-        let bias = bias.primitive;
-        let output = B::kiln_gather_attention(
+        // The picks are constants (the selection is not differentiated).
+        let output = B::kiln_chunk_attention(
             q.primitive.clone(),
             k.primitive.clone(),
             v.primitive.clone(),
-            idx.clone(),
-            bias.clone(),
+            picks.clone(),
+            chunk,
             scale,
         );
-        match GatherAttentionBackward
+        match ChunkAttentionBackward
             .prepare::<C>([q.node, k.node, v.node])
             .compute_bound()
             .stateful()
         {
             OpsKind::Tracked(prep) => prep.finish(
-                (q.primitive, k.primitive, v.primitive, idx, bias, scale),
+                (q.primitive, k.primitive, v.primitive, picks, chunk, scale),
                 output,
             ),
             OpsKind::UnTracked(prep) => prep.finish(output),
@@ -1379,77 +1375,79 @@ mod tests {
         }
     }
 
+    /// [`KilnBackend::kiln_chunk_attention`] and its backward against dense attention
+    /// over the same keys: scores of every query against every key, with a mask that keeps
+    /// a query's picked chunks and its own chunk up to itself. The sequence ends inside a
+    /// chunk, the head width is one register block plus a remainder, and some picks are
+    /// none (negative).
     #[test]
-    fn gather_attention_and_its_backward_match_gathering_with_tensor_ops() {
+    fn chunk_attention_and_its_backward_match_masked_dense_attention() {
         let device = Default::default();
-        let (rows, tq, tk, e, reads) = (3, 5, 7, 4, 6);
-        let data = |seed: f32, n: usize, shape: [usize; 3]| {
+        let (batch, seq, heads, e, chunk, n) = (2, 23, 3, 20, 5, 2);
+        let data = |seed: f32| {
+            let len = batch * seq * heads * e;
             TensorData::new(
-                (0..n)
+                (0..len)
                     .map(|i| ((i as f32) * seed).sin())
                     .collect::<Vec<_>>(),
-                shape,
+                [batch, seq, heads, e],
             )
         };
-        let idx: Vec<i64> = (0..rows * tq * reads)
-            .map(|i| ((i * 5 + i / 7) % tk) as i64)
-            .collect();
-        let bias: Vec<f32> = (0..rows * tq * reads)
-            .map(|i| if i % 9 == 4 { -1e9 } else { 0.0 })
-            .collect();
-        let bias = Tensor::<B, 3>::from_data(TensorData::new(bias, [rows, tq, reads]), &device);
-        let idx_t = Tensor::<B, 3, burn::tensor::Int>::from_data(
-            TensorData::new(idx.clone(), [rows, tq, reads]),
+        // Query i of pair p picks earlier chunks by a formula, or none.
+        let mut picks = Vec::new();
+        let mut keep = vec![f32::NEG_INFINITY; batch * heads * seq * seq];
+        for p in 0..batch * heads {
+            for i in 0..seq {
+                let own = i / chunk;
+                let mut mine: Vec<i64> = Vec::new();
+                for j in 0..n {
+                    let c = (p + 2 * i + 3 * j) % (own + 1);
+                    mine.push(if c < own && !mine.contains(&(c as i64)) {
+                        c as i64
+                    } else {
+                        -1
+                    });
+                }
+                for key in 0..seq {
+                    let c = (key / chunk) as i64;
+                    if mine.contains(&c) || (key / chunk == own && key <= i) {
+                        keep[(p * seq + i) * seq + key] = 0.0;
+                    }
+                }
+                picks.extend(mine);
+            }
+        }
+        assert!(picks.iter().any(|&c| c < 0) && picks.iter().any(|&c| c > 0));
+        let picks = Tensor::<B, 4, burn::tensor::Int>::from_data(
+            TensorData::new(picks, [batch, heads, seq, n]),
             &device,
         );
-        let upstream = Tensor::<B, 3>::from_data(data(0.41, rows * tq * e, [rows, tq, e]), &device);
+        let keep =
+            Tensor::<B, 4>::from_data(TensorData::new(keep, [batch, heads, seq, seq]), &device);
+        let upstream = Tensor::<B, 4>::from_data(data(0.41), &device);
         let run = |kiln: bool| {
-            let q = Tensor::<B, 3>::from_data(data(0.13, rows * tq * e, [rows, tq, e]), &device)
-                .require_grad();
-            let k = Tensor::<B, 3>::from_data(data(0.29, rows * tk * e, [rows, tk, e]), &device)
-                .require_grad();
-            let v = Tensor::<B, 3>::from_data(data(0.37, rows * tk * e, [rows, tk, e]), &device)
-                .require_grad();
+            let leaf = |seed| Tensor::<B, 4>::from_data(data(seed), &device).require_grad();
+            let (q, k, v) = (leaf(0.13), leaf(0.29), leaf(0.37));
+            let scale = 0.5;
             let out = if kiln {
-                float::<B, 3>(B::kiln_gather_attention(
+                float::<B, 4>(B::kiln_chunk_attention(
                     q.clone().into_primitive().tensor(),
                     k.clone().into_primitive().tensor(),
                     v.clone().into_primitive().tensor(),
-                    idx_t.clone().into_primitive(),
-                    bias.clone().into_primitive().tensor(),
-                    0.5,
+                    Some(picks.clone().into_primitive()),
+                    chunk,
+                    scale,
                 ))
             } else {
-                // Gather rows of [rows * keys, e] with offsets, then attend per query.
-                let offsets: Vec<i64> = idx
-                    .iter()
-                    .enumerate()
-                    .map(|(i, x)| x + (i / (tq * reads) * tk) as i64)
-                    .collect();
-                let flat = Tensor::<B, 1, burn::tensor::Int>::from_data(
-                    TensorData::new(offsets, [rows * tq * reads]),
-                    &device,
-                );
-                let kg = k
-                    .clone()
-                    .reshape([rows * tk, e])
-                    .select(0, flat.clone())
-                    .reshape([rows * tq, reads, e]);
-                let vg = v.clone().reshape([rows * tk, e]).select(0, flat).reshape([
-                    rows * tq,
-                    reads,
-                    e,
-                ]);
-                let s = q
-                    .clone()
-                    .reshape([rows * tq, 1, e])
-                    .matmul(kg.swap_dims(1, 2))
-                    .mul_scalar(0.5)
-                    + bias.clone().reshape([rows * tq, 1, reads]);
-                softmax(s, 2).matmul(vg).reshape([rows, tq, e])
+                let heads_first = |x: Tensor<B, 4>| x.swap_dims(1, 2);
+                let s = heads_first(q.clone())
+                    .matmul(heads_first(k.clone()).swap_dims(2, 3))
+                    .mul_scalar(scale)
+                    + keep.clone();
+                softmax(s, 3).matmul(heads_first(v.clone())).swap_dims(1, 2)
             };
             let grads = (out.clone() * upstream.clone()).sum().backward();
-            let g = |x: &Tensor<B, 3>| x.grad(&grads).expect("gradient").into_data();
+            let g = |x: &Tensor<B, 4>| x.grad(&grads).expect("gradient").into_data();
             (out.into_data(), g(&q), g(&k), g(&v))
         };
         let (kiln, reference) = (run(true), run(false));

@@ -55,6 +55,8 @@ macro_rules! multiversion {
     };
 }
 
+pub(crate) use multiversion;
+
 /// Lanes of the partial sums and maxima: wide enough for one AVX-512 register, and a
 /// shape the compiler turns into vector code at any width.
 const LANES: usize = 16;

@@ -12,11 +12,13 @@
 #[allow(unsafe_code)]
 pub mod alloc;
 pub mod backend;
+// Picks vector code at run time (`cpu::multiversion`).
+#[allow(unsafe_code)]
+pub mod chunk_attention;
 pub mod convgpt;
 // Host kernels call the gemm crate through raw pointers and pick vector code at run time.
 #[allow(unsafe_code)]
 pub mod cpu;
-pub mod gather;
 pub mod generate;
 pub mod hf;
 pub mod init;

@@ -39,8 +39,8 @@
 //!   `memory_chunk` tokens; a chunk's summary is the mean of its keys; each token's query
 //!   scores the summaries of the complete chunks before its own, keeps the `memory_top_k`
 //!   best, and attends (one softmax) over those chunks' tokens and, causally, its own
-//!   chunk's. Keys and values are read per token by index
-//!   ([`crate::KilnBackend::kiln_gather_attention`], never copied out), so the work is
+//!   chunk's. Keys and values are read in place, a chunk at a time
+//!   ([`crate::KilnBackend::kiln_chunk_attention`], never gathered), so the work is
 //!   `seq * (top_k + 1) * chunk` per head, linear in the sequence; scoring the summaries adds
 //!   `seq^2 / chunk`, a small quadratic term. The selection is not differentiated (as in
 //!   MoBA); the attention over what it selects is.
@@ -329,43 +329,29 @@ impl<B: KilnBackend> ChunkMemory<B> {
             k = r.apply(k);
         }
         let v = split(&self.v_proj);
-        let (q, k, v) = (q.swap_dims(1, 2), k.swap_dims(1, 2), v.swap_dims(1, 2)); // [b, h, t, e]
 
-        // Chunk summaries: the mean key of each chunk (the last one padded with zeros; it is
-        // never an earlier chunk of anyone).
         let n = t.div_ceil(c);
-        let padded = if n * c > t {
-            Tensor::cat(
-                vec![k.clone(), Tensor::zeros([b, h, n * c - t, e], &device)],
-                2,
-            )
-        } else {
-            k.clone()
-        };
-        let summaries = padded
-            .reshape([b, h, n, c, e])
-            .mean_dim(3)
-            .reshape([b, h, n, e]);
         let top = self.top_k.min(n.saturating_sub(1));
-        // Each token's own chunk, causally: keys c0 .. c0 + chunk, those after it masked.
-        let mut own_idx = Vec::with_capacity(t * c);
-        let mut own_ok = Vec::with_capacity(t * c);
-        for pos in 0..t {
-            let c0 = pos / c * c;
-            for j in 0..c {
-                let key = c0 + j;
-                own_idx.push(key.min(t - 1) as i64);
-                own_ok.push(if key <= pos { 0.0f32 } else { -1e9 });
-            }
-        }
-        let own_idx = Tensor::<B, 1, Int>::from_data(TensorData::new(own_idx, [t * c]), &device)
-            .reshape([1, 1, t, c])
-            .expand([b, h, t, c]);
-        let own_bias = Tensor::<B, 1>::from_data(TensorData::new(own_ok, [t * c]), &device)
-            .reshape([1, 1, t, c]);
-        let (idx, bias) = if top > 0 {
+        let picks = (top > 0).then(|| {
+            // Chunk summaries: the mean key of each chunk (the last one padded with zeros;
+            // it is never an earlier chunk of anyone), `[b, h, n, e]`.
+            let keys = k.clone().detach();
+            let padded = if n * c > t {
+                Tensor::cat(vec![keys, Tensor::zeros([b, n * c - t, h, e], &device)], 1)
+            } else {
+                keys
+            };
+            let summaries = padded
+                .reshape([b, n, c, h * e])
+                .mean_dim(2)
+                .reshape([b, n, h, e])
+                .swap_dims(1, 2);
             // Scores of the complete chunks before each token's own; later ones masked.
-            let scores = q.clone().matmul(summaries.swap_dims(2, 3)).detach(); // [b, h, t, n]
+            let scores = q
+                .clone()
+                .detach()
+                .swap_dims(1, 2)
+                .matmul(summaries.swap_dims(2, 3)); // [b, h, t, n]
             let mut later = Vec::with_capacity(t * n);
             for pos in 0..t {
                 for ch in 0..n {
@@ -375,37 +361,21 @@ impl<B: KilnBackend> ChunkMemory<B> {
             let later = Tensor::<B, 1>::from_data(TensorData::new(later, [t * n]), &device)
                 .reshape([1, 1, t, n]);
             let (best, chunks) = (scores + later).topk_with_indices(top, 3); // [b, h, t, top]
-            // A token with fewer than `top` earlier chunks picks masked ones: drop them.
-            let picked_ok = best.lower_elem(-1e8).float().mul_scalar(-1e9); // [b, h, t, top]
-            let offsets =
-                Tensor::<B, 1, Int>::arange(0..c as i64, &device).reshape([1, 1, 1, 1, c]);
-            let keys = (chunks.reshape([b, h, t, top, 1]).mul_scalar(c as i64) + offsets)
-                .reshape([b, h, t, top * c]);
-            let key_bias = picked_ok
-                .reshape([b, h, t, top, 1])
-                .expand([b, h, t, top, c])
-                .reshape([b, h, t, top * c]);
-            (
-                Tensor::cat(vec![keys, own_idx], 3),
-                Tensor::cat(vec![key_bias, own_bias.expand([b, h, t, c])], 3),
-            )
-        } else {
-            (own_idx, own_bias.expand([b, h, t, c]))
-        };
-        let reads = idx.dims()[3];
-        let gathered = b * h * t * reads;
-        // Each query over its own keys, without materializing the gathered keys and values.
-        let three = |x: Tensor<B, 4>| x.reshape([b * h, t, e]).into_primitive().tensor();
-        let out = Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(B::kiln_gather_attention(
-            three(q),
-            three(k),
-            three(v),
-            idx.reshape([b * h, t, reads]).into_primitive(),
-            bias.reshape([b * h, t, reads]).into_primitive().tensor(),
+            // A token with fewer than `top` earlier chunks picks masked ones: none.
+            chunks.mask_fill(best.lower_elem(-1e8), -1)
+        });
+        let gathered = b * h * t * (top + 1) * c;
+        // Each query over its picked chunks and its own, without building key lists.
+        let prim = |x: Tensor<B, 4>| x.into_primitive().tensor();
+        let out = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(B::kiln_chunk_attention(
+            prim(q),
+            prim(k),
+            prim(v),
+            picks.map(|p| p.into_primitive()),
+            c,
             1.0 / (e as f64).sqrt(),
-        ))); // [b*h, t, e]
-        let out = out.reshape([b, h, t, e]).swap_dims(1, 2).reshape([b, t, d]);
-        (self.o_proj.dense(out), gathered)
+        ))); // [b, t, h, e]
+        (self.o_proj.dense(out.reshape([b, t, d])), gathered)
     }
 }
 
@@ -459,9 +429,15 @@ impl<B: KilnBackend> ConvLayer<B> {
         } else {
             &ctx.taps
         };
-        let k2 = idx.dims()[0] / t;
-        let padded = Tensor::cat(vec![x, Tensor::zeros([b, 1, d], &idx.device())], 1);
-        let taps = padded.select(1, idx.clone()); // [b, t * k2, d]
+        let (k2, device) = (idx.dims()[0] / t, idx.device());
+        let padded = Tensor::cat(vec![x, Tensor::zeros([b, 1, d], &device)], 1);
+        // Rows of the flattened [b * (t + 1), d] input: a 2D select (and, backward, a 2D
+        // select-add), which Flex runs row by row rather than element by element.
+        let offsets = Tensor::<B, 1, Int>::arange(0..b as i64, &device)
+            .mul_scalar((t + 1) as i64)
+            .reshape([b, 1]);
+        let rows = (idx.clone().reshape([1, t * k2]) + offsets).reshape([b * t * k2]);
+        let taps = padded.reshape([b * (t + 1), d]).select(0, rows); // [b * t * k2, d]
         taps.reshape([b * t, k2 * d])
             .matmul(self.conv2d.val())
             .reshape([b, t, d])
