@@ -147,6 +147,22 @@ pub trait KilnBackend: Backend {
         tensor_ops_swiglu_backward::<Self>(gate, up, d_out)
     }
 
+    /// `x ⊙ s` for `x: [batch, seq, width]` and one scale per row, `s: [batch, seq, 1]`
+    /// (MoA's routing weight of a path's output).
+    fn kiln_scale_rows(x: FloatTensor<Self>, s: FloatTensor<Self>) -> FloatTensor<Self> {
+        tensor_ops_scale_rows::<Self>(x, s)
+    }
+
+    /// The gradients `[dx, ds]` of [`Self::kiln_scale_rows`] given its output's gradient:
+    /// `d_out ⊙ s`, and each row's `d_out · x`.
+    fn kiln_scale_rows_backward(
+        x: FloatTensor<Self>,
+        s: FloatTensor<Self>,
+        d_out: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 2] {
+        tensor_ops_scale_rows_backward::<Self>(x, s, d_out)
+    }
+
     /// Rotary embedding `x ⊙ cos + rotate_half(x) ⊙ sin` of `x: [batch, seq, heads, dim]`
     /// with constant tables `cos, sin: [seq, dim]`, where `rotate_half([x1, x2]) = [-x2,
     /// x1]` over the two halves of `dim`.
@@ -470,6 +486,21 @@ fn tensor_ops_swiglu_backward<B: Backend>(
     [d_gate, d_up]
 }
 
+/// [`KilnBackend::kiln_scale_rows`] in tensor ops: a broadcast product.
+fn tensor_ops_scale_rows<B: Backend>(x: FloatTensor<B>, s: FloatTensor<B>) -> FloatTensor<B> {
+    B::float_mul(x, s)
+}
+
+/// [`KilnBackend::kiln_scale_rows_backward`] in tensor ops.
+fn tensor_ops_scale_rows_backward<B: Backend>(
+    x: FloatTensor<B>,
+    s: FloatTensor<B>,
+    d: FloatTensor<B>,
+) -> [FloatTensor<B>; 2] {
+    let ds = float::<B, 3>(B::float_mul(d.clone(), x)).sum_dim(2);
+    [B::float_mul(d, s), ds.into_primitive().tensor()]
+}
+
 /// [`KilnBackend::kiln_rope`] in tensor ops, or with `inverse` its backward.
 fn tensor_ops_rope<B: Backend>(
     x: FloatTensor<B>,
@@ -767,6 +798,37 @@ impl KilnBackend for burn::backend::Flex {
         }
     }
 
+    fn kiln_scale_rows(x: FloatTensor<Self>, s: FloatTensor<Self>) -> FloatTensor<Self> {
+        match (contiguous_f32(&x), contiguous_f32(&s)) {
+            (Some(xc), Some(sc)) => {
+                let out = cpu::scale_rows(xc.as_f32(), sc.as_f32());
+                FlexTensor::from_data(TensorData::new(out, xc.layout().shape().clone()))
+            }
+            _ => tensor_ops_scale_rows::<Self>(x, s),
+        }
+    }
+
+    fn kiln_scale_rows_backward(
+        x: FloatTensor<Self>,
+        s: FloatTensor<Self>,
+        d_out: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 2] {
+        match (
+            contiguous_f32(&x),
+            contiguous_f32(&s),
+            contiguous_f32(&d_out),
+        ) {
+            (Some(xc), Some(sc), Some(d)) => {
+                let (dx, ds) = cpu::scale_rows_backward(xc.as_f32(), sc.as_f32(), d.as_f32());
+                [
+                    FlexTensor::from_data(TensorData::new(dx, xc.layout().shape().clone())),
+                    FlexTensor::from_data(TensorData::new(ds, sc.layout().shape().clone())),
+                ]
+            }
+            _ => tensor_ops_scale_rows_backward::<Self>(x, s, d_out),
+        }
+    }
+
     fn kiln_rope(
         x: FloatTensor<Self>,
         cos: FloatTensor<Self>,
@@ -1003,6 +1065,8 @@ enum Binary {
     CausalDepthwise,
     /// [`KilnBackend::kiln_rms_norm`] of `(x, w)` with this epsilon.
     RmsNorm(f64),
+    /// [`KilnBackend::kiln_scale_rows`] of `(x, s)`.
+    ScaleRows,
 }
 
 impl Binary {
@@ -1011,6 +1075,7 @@ impl Binary {
             Binary::Swiglu => B::kiln_swiglu(a, b),
             Binary::CausalDepthwise => B::kiln_causal_depthwise(a, b),
             Binary::RmsNorm(eps) => B::kiln_rms_norm(a, b, eps),
+            Binary::ScaleRows => B::kiln_scale_rows(a, b),
         }
     }
 
@@ -1024,6 +1089,7 @@ impl Binary {
             Binary::Swiglu => B::kiln_swiglu_backward(a, b, d_out),
             Binary::CausalDepthwise => B::kiln_causal_depthwise_backward(a, b, d_out),
             Binary::RmsNorm(eps) => B::kiln_rms_norm_backward(a, b, eps, d_out),
+            Binary::ScaleRows => B::kiln_scale_rows_backward(a, b, d_out),
         }
     }
 
@@ -1266,6 +1332,10 @@ impl<B: KilnBackend, C: CheckpointStrategy> KilnBackend for Autodiff<B, C> {
 
     fn kiln_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
         Binary::Swiglu.record::<B, C>(gate, up)
+    }
+
+    fn kiln_scale_rows(x: FloatTensor<Self>, s: FloatTensor<Self>) -> FloatTensor<Self> {
+        Binary::ScaleRows.record::<B, C>(x, s)
     }
 
     fn kiln_causal_depthwise(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -1611,6 +1681,44 @@ mod tests {
         let (kiln, plain) = (rope(true), rope(false));
         kiln.0.assert_approx_eq::<f32>(&plain.0, tol);
         kiln.1.assert_approx_eq::<f32>(&plain.1, tol);
+    }
+
+    #[test]
+    fn scale_rows_and_its_backward_match_a_broadcast_product() {
+        scale_rows_matches::<Autodiff<Flex>>();
+        scale_rows_matches::<Autodiff<burn::backend::NdArray>>();
+    }
+
+    /// [`crate::ops::scale_rows`] against `x * s` differentiated by Burn, with `s` a column
+    /// view of routing weights `[batch, seq, 3]` (as MoA passes it), over more rows than one
+    /// task of the host kernel and a width that is not a multiple of the vector width.
+    fn scale_rows_matches<A: KilnAutodiffBackend>() {
+        let device = Default::default();
+        let (b, t, d) = (3, 700, 21);
+        let data = |seed: f32, shape: [usize; 3]| {
+            let n = shape.iter().product::<usize>();
+            let v: Vec<f32> = (0..n).map(|i| ((i as f32) * seed).sin()).collect();
+            Tensor::<A, 3>::from_data(TensorData::new(v, shape), &device)
+        };
+        let upstream = data(0.37, [b, t, d]);
+        let run = |kiln: bool| {
+            let x = data(0.11, [b, t, d]).require_grad();
+            let w = data(0.23, [b, t, 3]).require_grad();
+            let s = w.clone().narrow(2, 1, 1);
+            let out = if kiln {
+                crate::ops::scale_rows(x.clone(), s)
+            } else {
+                x.clone() * s
+            };
+            let grads = (out.clone() * upstream.clone()).sum().backward();
+            let grad = |x: &Tensor<A, 3>| x.grad(&grads).expect("gradient").into_data();
+            (out.into_data(), grad(&x), grad(&w))
+        };
+        let (kiln, plain) = (run(true), run(false));
+        let tol = burn::tensor::Tolerance::<f32>::absolute(1e-5);
+        kiln.0.assert_approx_eq::<f32>(&plain.0, tol);
+        kiln.1.assert_approx_eq::<f32>(&plain.1, tol);
+        kiln.2.assert_approx_eq::<f32>(&plain.2, tol);
     }
 
     #[test]

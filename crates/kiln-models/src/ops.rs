@@ -41,6 +41,19 @@ pub fn swiglu<B: KilnBackend, const D: usize>(
     )))
 }
 
+/// `x * s` with one scale per row, as one backend op ([`KilnBackend::kiln_scale_rows`]):
+/// a host kernel on the CPU backend, where the broadcast product walks the elements one by
+/// one when `s` is a view (a column of routing weights).
+///
+/// # Shapes
+/// - x: `[batch, seq, width]`, s: `[batch, seq, 1]` -> `[batch, seq, width]`
+pub fn scale_rows<B: KilnBackend>(x: Tensor<B, 3>, s: Tensor<B, 3>) -> Tensor<B, 3> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::kiln_scale_rows(
+        x.into_primitive().tensor(),
+        s.into_primitive().tensor(),
+    )))
+}
+
 /// RMSNorm over the last axis, `x / sqrt(mean(x²) + eps) * weight`, as one backend op
 /// ([`KilnBackend::kiln_rms_norm`]): a host kernel on the CPU backend, whose backward
 /// recomputes each row's scale instead of keeping the normalized activations.

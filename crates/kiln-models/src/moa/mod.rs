@@ -483,10 +483,10 @@ pub fn route<B: Backend>(logits: Tensor<B, 3>, k: usize) -> Routing<B> {
 ///
 /// # Shapes
 /// - outs: each `[batch, seq, hidden]`; weights: `[batch, seq, paths]`
-fn combine<B: Backend>(outs: Vec<Tensor<B, 3>>, weights: &Tensor<B, 3>) -> Tensor<B, 3> {
+fn combine<B: KilnBackend>(outs: Vec<Tensor<B, 3>>, weights: &Tensor<B, 3>) -> Tensor<B, 3> {
     outs.into_iter()
         .enumerate()
-        .map(|(p, out)| out * weights.clone().narrow(2, p, 1))
+        .map(|(p, out)| crate::ops::scale_rows(out, weights.clone().narrow(2, p, 1)))
         .reduce(|a, b| a + b)
         .expect("at least one path")
 }
