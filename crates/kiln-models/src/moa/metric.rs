@@ -402,7 +402,7 @@ pub fn triangle_violation<B: Backend, const D: usize>(
 /// another: zero for a true metric, positive where the learned geometry is inconsistent).
 /// Positions are drawn from the backend's generator, which the trainer seeds per step.
 pub fn triangle_penalty<B: Backend>(g: &Geometry<B>, samples: usize) -> Tensor<B, 1> {
-    let [b, t, h, e] = g.q.dims();
+    let t = g.q.dims()[1];
     let device = g.q.device();
     let draw = || {
         Tensor::<B, 1>::random(
@@ -413,13 +413,36 @@ pub fn triangle_penalty<B: Backend>(g: &Geometry<B>, samples: usize) -> Tensor<B
         .int()
         .clamp(0, t as i64 - 1)
     };
-    let (a, bb, c) = (draw(), draw(), draw());
-    let s = g.s.clone().reshape([1, 1, h, e]);
+    triangle_penalty_at(g, [draw(), draw(), draw()])
+}
+
+/// [`triangle_penalty`] at given positions: `[a, b, c]`, each `[samples]`, the same in
+/// every sequence of the batch.
+pub fn triangle_penalty_at<B: Backend>(
+    g: &Geometry<B>,
+    [a, bb, c]: [Tensor<B, 1, Int>; 3],
+) -> Tensor<B, 1> {
+    let [b, t, h, e] = g.q.dims();
+    let (device, samples) = (g.q.device(), a.dims()[0]);
+    // Rows of the [b * t, h * e] matrices, so that the gather (and its backward) and the
+    // product with the shared metric row are the 2D forms the CPU backend vectorizes.
+    let offsets = Tensor::<B, 1, Int>::arange(0..b as i64, &device)
+        .mul_scalar(t as i64)
+        .reshape([b, 1]);
+    let rows = |x: &Tensor<B, 1, Int>| {
+        (x.clone().reshape([1, samples]) + offsets.clone()).reshape([b * samples])
+    };
+    let (q, k) = (
+        g.q.clone().reshape([b * t, h * e]),
+        g.k.clone().reshape([b * t, h * e]),
+    );
+    let s = g.s.clone().reshape([1, h * e]);
     let dist = |x: &Tensor<B, 1, Int>, y: &Tensor<B, 1, Int>| {
-        let qx = g.q.clone().select(1, x.clone()); // [b, n, h, e]
-        let ky = g.k.clone().select(1, y.clone()); // [b, n, h, e]
+        let qx = q.clone().select(0, rows(x)); // [b * n, h * e]
+        let ky = k.clone().select(0, rows(y));
         ((qx - ky).square() * s.clone())
-            .sum_dim(3)
+            .reshape([b * samples, h, e])
+            .sum_dim(2)
             .add_scalar(1e-6)
             .sqrt()
             .reshape([b, samples, h])
@@ -514,6 +537,56 @@ mod tests {
             s: tensor(vec![1.0], [1, 1]),
         };
         assert!(triangle_penalty(&g, 512).into_scalar() > 0.1);
+    }
+
+    /// The penalty at given positions is the mean over batch rows, samples and heads of the
+    /// violation computed from each batch row's own queries and keys, checked against loops
+    /// over the values.
+    #[test]
+    fn the_triangle_penalty_measures_each_sequence_at_its_drawn_positions() {
+        let device = Default::default();
+        let (b, t, h, e, n) = (3usize, 7usize, 2usize, 4usize, 16usize);
+        let wave = |seed: f32| -> Vec<f32> {
+            (0..b * t * h * e)
+                .map(|i| (i as f32 * seed).sin() * (1.0 + (i / (t * h * e)) as f32))
+                .collect()
+        };
+        let (qs, ks) = (wave(0.37), wave(0.91));
+        let ss: Vec<f32> = (0..h * e).map(|i| 0.5 + i as f32 * 0.1).collect();
+        let g = Geometry {
+            q: tensor(qs.clone(), [b, t, h, e]),
+            k: tensor(ks.clone(), [b, t, h, e]),
+            s: tensor(ss.clone(), [h, e]),
+        };
+        let pos = |seed: usize| -> Vec<i64> {
+            (0..n).map(|j| ((j * 5 + seed) * (j + 3 * seed) % t) as i64).collect()
+        };
+        let (pa, pb, pc) = (pos(3), pos(5), pos(2));
+        let int =
+            |v: &Vec<i64>| Tensor::<B, 1, Int>::from_data(TensorData::new(v.clone(), [n]), &device);
+        let got = triangle_penalty_at(&g, [int(&pa), int(&pb), int(&pc)]).into_scalar();
+        let d = |bi: usize, x: i64, y: i64, head: usize| {
+            let at = |v: &[f32], p: i64, i: usize| v[((bi * t + p as usize) * h + head) * e + i];
+            let d2: f32 = (0..e)
+                .map(|i| ss[head * e + i] * (at(&qs, x, i) - at(&ks, y, i)).powi(2))
+                .sum();
+            (d2 + 1e-6).sqrt()
+        };
+        let mut total = 0.0f32;
+        for bi in 0..b {
+            for j in 0..n {
+                for head in 0..h {
+                    let (x, y, z) = (pa[j], pb[j], pc[j]);
+                    total += (d(bi, x, z, head) - d(bi, x, y, head) - d(bi, y, z, head)).max(0.0);
+                }
+            }
+        }
+        let want = total / (b * n * h) as f32;
+        assert!(
+            want > 0.01,
+            "the geometry violates the inequality somewhere"
+        );
+        assert!((got - want).abs() < 1e-4 * want.max(1.0), "{got} != {want}");
     }
 
     #[test]
