@@ -284,8 +284,10 @@ impl<B: KilnBackend> MetricAttention<B> {
             .tanh()
             .mul_scalar(self.energy_beta)
             .add_scalar(1.0)
-            .reshape([b, t, kvh, 1]);
-        let v = v * gate;
+            .reshape([b, t * kvh, 1]);
+        // One scale per (position, head) row; v's gradient arrives as a view of the
+        // attention's, which a broadcast product would walk element by element.
+        let v = crate::ops::scale_rows(v.reshape([b, t * kvh, e]), gate).reshape([b, t, kvh, e]);
 
         // Ball penalty per query head on the key before rotation: sharpness * relu(|k - o| - r).
         let pen = (self.ball_sharpness > 0.0).then(|| {
@@ -559,7 +561,9 @@ mod tests {
             s: tensor(ss.clone(), [h, e]),
         };
         let pos = |seed: usize| -> Vec<i64> {
-            (0..n).map(|j| ((j * 5 + seed) * (j + 3 * seed) % t) as i64).collect()
+            (0..n)
+                .map(|j| ((j * 5 + seed) * (j + 3 * seed) % t) as i64)
+                .collect()
         };
         let (pa, pb, pc) = (pos(3), pos(5), pos(2));
         let int =
