@@ -79,3 +79,63 @@ fn checkpointed_adapter_runs_with_dropout_resume_exactly() {
     assert_eq!(straight.len(), 8);
     assert_eq!(straight, losses(&split), "resumed checkpointed run differs");
 }
+
+#[test]
+fn head_chunks_keep_the_losses_gradients_and_evaluation() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    // 128 tokens per micro-batch in chunks of 37: chunks cross sequence boundaries and the
+    // last one is short.
+    let runs: [(&str, &[&str]); 3] = [
+        ("plain", &[]),
+        ("chunked", &["--set", "train.head_chunk_tokens=37"]),
+        (
+            "chunked-ckpt",
+            &[
+                "--set",
+                "train.head_chunk_tokens=37",
+                "--set",
+                "train.activation_checkpointing=true",
+            ],
+        ),
+    ];
+    for (name, extra) in runs {
+        let set = format!("run.name={name}");
+        let mut args = tiny_train_args(out, &["--set", &set]);
+        args.extend_from_slice(extra);
+        assert_ok(&run(&args));
+    }
+    let column = |name: &str, kind: &str, key: &str| -> Vec<f64> {
+        metrics(&dir.path().join(name))
+            .iter()
+            .filter(|r| r["kind"] == kind)
+            .map(|r| r[key].as_f64().unwrap())
+            .collect()
+    };
+    for (kind, key) in [
+        ("train", "loss"),
+        ("train", "grad_norm"),
+        ("eval", "eval_loss"),
+    ] {
+        let plain = column("plain", kind, key);
+        assert!(!plain.is_empty(), "no {kind} {key} in the plain run");
+        for name in ["chunked", "chunked-ckpt"] {
+            let other = column(name, kind, key);
+            assert_eq!(plain.len(), other.len(), "{name}: {kind} rows");
+            for (i, (a, b)) in plain.iter().zip(&other).enumerate() {
+                // The head's weight gradient is summed over chunks: equal up to rounding.
+                assert!(
+                    (a - b).abs() <= 1e-4 * a.abs(),
+                    "{name}, {kind} row {i}: {key} {a} in one piece, {b} in chunks"
+                );
+            }
+        }
+    }
+    let zero = run(&["inspect", SMOKE, "--set", "train.head_chunk_tokens=0"]);
+    assert_eq!(zero.status.code(), Some(1));
+    assert!(
+        stderr(&zero).contains("train.head_chunk_tokens: must be at least 1"),
+        "{}",
+        stderr(&zero)
+    );
+}

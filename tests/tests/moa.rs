@@ -153,7 +153,7 @@ fn resume_continues_exactly_with_the_dream_state() {
 }
 
 #[test]
-fn activation_checkpointing_keeps_the_losses_with_auxiliary_terms() {
+fn activation_checkpointing_and_head_chunks_keep_the_losses_with_auxiliary_terms() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().to_str().unwrap();
     // DropPath draws differ between the two passes' orders, so it is off here; the triangle
@@ -162,19 +162,12 @@ fn activation_checkpointing_keeps_the_losses_with_auxiliary_terms() {
     plain.extend(["--set", "model.moa.drop_path=0.0"]);
     let mut checkpointed = plain.clone();
     checkpointed.extend(["--set", "train.activation_checkpointing=true"]);
+    // The head is the tied embedding: its gradient comes from the chunks and the input.
+    let mut chunked = plain.clone();
+    chunked.extend(["--set", "train.head_chunk_tokens=300"]);
     assert_ok(&train(out, "plain", &plain));
     assert_ok(&train(out, "ckpt", &checkpointed));
-    let (a, b) = (
-        losses(&dir.path().join("plain")),
-        losses(&dir.path().join("ckpt")),
-    );
-    assert_eq!(a.len(), b.len());
-    for ((s, x), (_, y)) in a.iter().zip(&b) {
-        assert!(
-            (x - y).abs() <= 1e-3 * x.abs(),
-            "step {s}: {x} without checkpointing, {y} with"
-        );
-    }
+    assert_ok(&train(out, "chunked", &chunked));
     let balance = |d: &Path| -> Vec<f64> {
         metrics(d)
             .iter()
@@ -182,11 +175,22 @@ fn activation_checkpointing_keeps_the_losses_with_auxiliary_terms() {
             .map(|r| r["aux_losses"]["balance"].as_f64().unwrap())
             .collect()
     };
-    for (x, y) in balance(&dir.path().join("plain"))
-        .iter()
-        .zip(balance(&dir.path().join("ckpt")))
-    {
-        assert!((x - y).abs() <= 1e-3 * x.abs(), "{x} vs {y}");
+    let a = losses(&dir.path().join("plain"));
+    for name in ["ckpt", "chunked"] {
+        let b = losses(&dir.path().join(name));
+        assert_eq!(a.len(), b.len());
+        for ((s, x), (_, y)) in a.iter().zip(&b) {
+            assert!(
+                (x - y).abs() <= 1e-3 * x.abs(),
+                "step {s}: {x} plain, {y} with {name}"
+            );
+        }
+        for (x, y) in balance(&dir.path().join("plain"))
+            .iter()
+            .zip(balance(&dir.path().join(name)))
+        {
+            assert!((x - y).abs() <= 1e-3 * x.abs(), "{name}: {x} vs {y}");
+        }
     }
 }
 

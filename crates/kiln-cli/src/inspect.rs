@@ -111,9 +111,15 @@ pub fn inspect(loaded: &LoadedRecipe, read_data: bool) -> Result<()> {
             (spec.flops_per_token(p.window) * per_step as f64 / 1e9).round(),
             mix.join(", ")
         );
+        let tokens = (p.batch_size * p.window) as u64;
+        // With head chunks, one chunk's logits are alive instead of every token's.
+        let logits_saved = match r.train.head_chunk_tokens {
+            Some(rows) => tokens.saturating_sub(rows as u64),
+            None => 0,
+        } * kiln_models::logits_bytes_per_token(spec.vocab_size());
         peak_activation = peak_activation.max(
-            spec.activation_bytes_per_token(p.window, r.train.activation_checkpointing)
-                * (p.batch_size * p.window) as u64,
+            spec.activation_bytes_per_token(p.window, r.train.activation_checkpointing) * tokens
+                - logits_saved,
         );
         first = last + 1;
     }
@@ -155,10 +161,12 @@ pub fn inspect(loaded: &LoadedRecipe, read_data: bool) -> Result<()> {
         human_bytes(grads),
         human_bytes(moments),
         human_bytes(peak_activation as f64),
-        if r.train.activation_checkpointing {
-            "activation checkpointing"
-        } else {
-            "no activation checkpointing"
+        match (r.train.activation_checkpointing, r.train.head_chunk_tokens) {
+            (true, None) => "activation checkpointing".to_string(),
+            (false, None) => "no activation checkpointing".to_string(),
+            (true, Some(n)) => format!("activation checkpointing, head in chunks of {n} tokens"),
+            (false, Some(n)) =>
+                format!("no activation checkpointing, head in chunks of {n} tokens"),
         }
     );
     if read_data {

@@ -178,7 +178,14 @@ pub(crate) fn activation_bytes(
     } else {
         all_layers
     };
-    4 * (kept + 3 * vocab as u64 + transient)
+    4 * (kept + transient) + logits_bytes_per_token(vocab)
+}
+
+/// Bytes (f32) per token of the logits, with what the fused cross-entropy and the head's
+/// backward hold beside them (3 × `vocab` values): the part of the activations that
+/// `train.head_chunk_tokens` bounds to one chunk.
+pub fn logits_bytes_per_token(vocab: usize) -> u64 {
+    4 * 3 * vocab as u64
 }
 
 /// The size of an adapter run's frozen base projections.
@@ -754,6 +761,21 @@ impl<B: KilnBackend> Model<B> {
             Self::Moa(m) => m.embed_tokens.weight.is_require_grad(),
             Self::Convgpt(m) => m.embed_tokens.weight.is_require_grad(),
         }
+    }
+
+    /// The last layer's output (the head's input) and what the layers reported: the
+    /// forward pass without [`Model::head`], for callers that apply the head in pieces.
+    ///
+    /// # Shapes
+    /// - input_ids: `[batch, seq]` -> `[batch, seq, hidden]`
+    pub fn hidden(&self, input_ids: Tensor<B, 2, Int>) -> (Tensor<B, 3>, Aux<B>) {
+        let ctx = self.layer_context(&input_ids);
+        let mut aux = Aux::default();
+        let mut x = self.embed(input_ids);
+        for l in 0..self.num_layers() {
+            x = self.layer(l, x, &ctx, &mut aux);
+        }
+        (x, aux)
     }
 
     /// Logits and auxiliary losses.

@@ -777,6 +777,13 @@ impl Recipe {
             "train.convergence_min_improvement",
             format!("{} must be in [0, 1)", t.convergence_min_improvement),
         );
+        if let Some(n) = t.head_chunk_tokens {
+            e.check(
+                n > 0,
+                "train.head_chunk_tokens",
+                "must be at least 1 (leave it out to compute the head over a whole micro-batch)",
+            );
+        }
         e.check(
             t.neftune_alpha.is_finite() && t.neftune_alpha >= 0.0,
             "train.neftune_alpha",

@@ -18,10 +18,25 @@ pub fn masked_nll<B: KilnBackend>(
     batch: &Batch,
     device: &B::Device,
 ) -> (Tensor<B, 1>, Tensor<B, 1>) {
+    masked_nll_rows(logits, &batch.targets, &batch.mask, device)
+}
+
+/// [`masked_nll`] of the logits of some of a batch's positions, given their targets and
+/// mask (row-major over `[batch, seq]`, as in [`Batch`]).
+///
+/// # Shapes
+/// - logits: `[b, t, vocab]` with `b * t == targets.len() == mask.len()`
+/// - returns `[1]` (the sum) and `[b * t]` (per-position losses, 0 where masked)
+pub fn masked_nll_rows<B: KilnBackend>(
+    logits: Tensor<B, 3>,
+    targets: &[u32],
+    mask: &[f32],
+    device: &B::Device,
+) -> (Tensor<B, 1>, Tensor<B, 1>) {
     let [b, t, v] = logits.dims();
-    let targets: Vec<i64> = batch.targets.iter().map(|&x| i64::from(x)).collect();
+    let targets: Vec<i64> = targets.iter().map(|&x| i64::from(x)).collect();
     let targets = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [b * t]), device);
-    let mask = Tensor::<B, 1>::from_data(TensorData::new(batch.mask.clone(), [b * t]), device);
+    let mask = Tensor::<B, 1>::from_data(TensorData::new(mask.to_vec(), [b * t]), device);
     let nll = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(B::kiln_cross_entropy(
         logits.reshape([b * t, v]).into_primitive().tensor(),
         targets.into_primitive(),

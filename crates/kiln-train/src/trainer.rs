@@ -14,7 +14,7 @@ use kiln_recipe::Recipe;
 use crate::checkpoint::{Checkpoint, TrainState, write_checkpoint};
 use crate::distributed::{self, Peer, StepSums, Topology};
 use crate::dream::Dream;
-use crate::loss::{input_tensor, masked_nll};
+use crate::loss::{input_tensor, masked_nll, masked_nll_rows};
 use crate::metrics::MetricsLog;
 use crate::optim::{AdamW, GradAccumulator};
 use crate::run::{RunDir, RunStatus};
@@ -92,6 +92,7 @@ fn evaluate<B: KilnBackend>(
     model: &Model<B>,
     batches: &[Batch],
     tokenizer: &dyn Tokenizer,
+    head_chunk: Option<usize>,
     device: &B::Device,
 ) -> Option<(f64, u64, f64)> {
     let mut nll = 0.0f64;
@@ -99,8 +100,20 @@ fn evaluate<B: KilnBackend>(
     let mut byte_nll = 0.0f64;
     let mut bytes = 0u64;
     for batch in batches {
-        let out = model.forward(input_tensor::<B>(batch, device));
-        let (_, per_token) = masked_nll(out.logits, batch, device);
+        let ids = input_tensor::<B>(batch, device);
+        let per_token = match head_chunk {
+            None => masked_nll(model.forward(ids).logits, batch, device).1,
+            Some(rows) => {
+                let (top, _) = model.hidden(ids);
+                let parts = HeadChunks::new(top, rows)
+                    .map(|(range, x)| {
+                        let (t, m) = (&batch.targets[range.clone()], &batch.mask[range]);
+                        masked_nll_rows(model.head(x), t, m, device).1
+                    })
+                    .collect();
+                Tensor::cat(parts, 0)
+            }
+        };
         let values = per_token
             .into_data()
             .convert::<f32>()
@@ -138,7 +151,13 @@ pub fn evaluate_checkpoint<B: KilnBackend>(
     let data = DataPipeline::new(recipe, spec.vocab_size())?;
     let model = Model::<B>::restore(recipe, checkpoint.model, device)?;
     let batches = data.eval_batches(recipe.phases[0].batch_size);
-    let (loss, count, bpb) = evaluate(&model, &batches, data.tokenizer(), device).ok_or_else(|| {
+    let (loss, count, bpb) = evaluate(
+        &model,
+        &batches,
+        data.tokenizer(),
+        recipe.train.head_chunk_tokens,
+        device,
+    ).ok_or_else(|| {
         TrainError::RunDir("no held-out data to evaluate on (data.eval_holdout is 0, or every source has a single document)".to_string())
     })?;
     let steps = recipe.phase_steps();
@@ -371,7 +390,13 @@ pub fn train<B: KilnAutodiffBackend>(
                     observer: &mut dyn Observer|
      -> Result<Option<f64>, TrainError> {
         let valid = model.valid();
-        let result = evaluate(&valid, &eval_batches, data.tokenizer(), device);
+        let result = evaluate(
+            &valid,
+            &eval_batches,
+            data.tokenizer(),
+            recipe.train.head_chunk_tokens,
+            device,
+        );
         if let Some((loss, count, bpb)) = result {
             let row = EvalMetrics {
                 step,
@@ -449,20 +474,27 @@ pub fn train<B: KilnAutodiffBackend>(
         for (k, batch) in batches.iter().enumerate() {
             let (aux, stats) = if recipe.train.activation_checkpointing {
                 let seed = recipe.run.seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ k as u64;
+                let (value, aux, stats) = checkpointed_backward(
+                    &model,
+                    batch,
+                    (denom, accum),
+                    recipe.train.head_chunk_tokens,
+                    device,
+                    seed,
+                    &mut acc,
+                );
+                loss_sum += value;
+                (aux, stats)
+            } else if let Some(rows) = recipe.train.head_chunk_tokens {
                 let (value, aux, stats) =
-                    checkpointed_backward(&model, batch, denom, accum, device, seed, &mut acc);
+                    head_chunked_backward(&model, batch, denom, accum, rows, device, &mut acc);
                 loss_sum += value;
                 (aux, stats)
             } else {
                 let out = model.forward(input_tensor::<B>(batch, device));
                 let (nll, _) = masked_nll(out.logits, batch, device);
-                let mut loss = nll.div_scalar(denom);
                 let mut aux = Vec::new();
-                for (name, a) in out.aux_losses {
-                    let a = a.div_scalar(accum);
-                    loss = loss + a.clone();
-                    aux.push((name, a));
-                }
+                let loss = with_aux(nll.div_scalar(denom), out.aux_losses, accum, &mut aux);
                 let aux = read_named(aux);
                 let stats = read_named(out.stats);
                 loss_sum += scalar(loss.clone());
@@ -725,8 +757,8 @@ fn recipe_fingerprint(recipe: &Recipe) -> [u32; 2] {
 fn checkpointed_backward<B: KilnAutodiffBackend>(
     model: &Model<B>,
     batch: &Batch,
-    denom: f64,
-    accum: f64,
+    (denom, accum): (f64, f64),
+    head_chunk: Option<usize>,
     device: &B::Device,
     seed: u64,
     acc: &mut GradAccumulator<B::InnerBackend>,
@@ -747,28 +779,17 @@ fn checkpointed_backward<B: KilnAutodiffBackend>(
         let y = untracked.layer(l, inputs[l].clone(), &ctx, &mut forward_aux);
         inputs.push(y);
     }
-    let top = inputs
-        .pop()
-        .expect("the last layer's output")
-        .require_grad();
-    let (nll, _) = masked_nll(model.head(top.clone()), batch, device);
-    let loss = nll.div_scalar(denom);
-    let mut value = scalar(loss.clone());
-    let grads = loss.backward();
-    let mut upstream = top.grad(&grads).expect("the head's input gradient");
-    acc.accumulate::<B, _>(model, grads);
+    let top = inputs.pop().expect("the last layer's output");
+    let (mut value, mut upstream) =
+        head_backward(model, top, batch, denom, head_chunk, device, acc);
     let mut aux_losses = Vec::new();
     for l in (0..n).rev() {
         B::seed(device, layer_seed(l));
         let x = inputs.pop().expect("layer input").require_grad();
         let mut aux = Aux::default();
         let y = model.layer(l, x.clone(), &ctx, &mut aux);
-        let mut objective = (y * Tensor::from_inner(upstream)).sum();
-        for (name, a) in aux.losses {
-            let a = a.div_scalar(accum);
-            objective = objective + a.clone();
-            aux_losses.push((name, a));
-        }
+        let objective = (y * Tensor::from_inner(upstream)).sum();
+        let objective = with_aux(objective, aux.losses, accum, &mut aux_losses);
         let grads = objective.backward();
         upstream = x.grad(&grads).expect("the layer's input gradient");
         acc.accumulate::<B, _>(model, grads);
@@ -780,11 +801,130 @@ fn checkpointed_backward<B: KilnAutodiffBackend>(
         acc.accumulate::<B, _>(model, grads);
     }
     let aux_losses = read_named(aux_losses);
-    value += aux_losses
+    value += named_sum(&aux_losses);
+    (value, aux_losses, read_named(forward_aux.stats))
+}
+
+/// One micro-batch's forward and backward without activation checkpointing, with the head
+/// applied `rows` tokens at a time ([`head_backward`]): the layers' graph is kept whole,
+/// and their backward runs once, from the gathered gradient of their output. Returns what
+/// [`checkpointed_backward`] returns.
+#[allow(clippy::type_complexity)]
+fn head_chunked_backward<B: KilnAutodiffBackend>(
+    model: &Model<B>,
+    batch: &Batch,
+    denom: f64,
+    accum: f64,
+    rows: usize,
+    device: &B::Device,
+    acc: &mut GradAccumulator<B::InnerBackend>,
+) -> (f64, Vec<(String, Vec<f32>)>, Vec<(String, Vec<f32>)>) {
+    let (top, aux) = model.hidden(input_tensor::<B>(batch, device));
+    let (mut value, upstream) = head_backward(
+        model,
+        top.clone().detach(),
+        batch,
+        denom,
+        Some(rows),
+        device,
+        acc,
+    );
+    let mut aux_losses = Vec::new();
+    let objective = (top * Tensor::from_inner(upstream)).sum();
+    let objective = with_aux(objective, aux.losses, accum, &mut aux_losses);
+    acc.accumulate::<B, _>(model, objective.backward());
+    let aux_losses = read_named(aux_losses);
+    value += named_sum(&aux_losses);
+    (value, aux_losses, read_named(aux.stats))
+}
+
+/// `objective` plus the auxiliary `losses`, each divided by `accum` and kept in `kept`.
+fn with_aux<B: Backend>(
+    objective: Tensor<B, 1>,
+    losses: Vec<(String, Tensor<B, 1>)>,
+    accum: f64,
+    kept: &mut Vec<(String, Tensor<B, 1>)>,
+) -> Tensor<B, 1> {
+    losses.into_iter().fold(objective, |sum, (name, a)| {
+        let a = a.div_scalar(accum);
+        kept.push((name, a.clone()));
+        sum + a
+    })
+}
+
+/// The sum of every value of named host vectors.
+fn named_sum(items: &[(String, Vec<f32>)]) -> f64 {
+    items
         .iter()
         .flat_map(|(_, v)| v.iter().map(|x| f64::from(*x)))
-        .sum::<f64>();
-    (value, aux_losses, read_named(forward_aux.stats))
+        .sum()
+}
+
+/// The language-model loss of the head over `top` (the last layer's output, a leaf of no
+/// graph) divided by `denom`, and that loss's gradient with respect to `top`. With
+/// `chunk`, the head runs over that many tokens at a time and each chunk's logits are made,
+/// differentiated and dropped before the next, so one chunk's `[tokens, vocab]` logits are
+/// alive at once; without it, all tokens form one chunk. The head's parameter gradients
+/// go to `acc`.
+fn head_backward<B: KilnAutodiffBackend>(
+    model: &Model<B>,
+    top: Tensor<B, 3>,
+    batch: &Batch,
+    denom: f64,
+    chunk: Option<usize>,
+    device: &B::Device,
+    acc: &mut GradAccumulator<B::InnerBackend>,
+) -> (f64, Tensor<B::InnerBackend, 3>) {
+    let dims = top.dims();
+    let rows = chunk.unwrap_or(dims[0] * dims[1]);
+    let mut value = 0.0;
+    let mut parts = Vec::new();
+    for (range, x) in HeadChunks::new(top, rows) {
+        let x = x.require_grad();
+        let (targets, mask) = (&batch.targets[range.clone()], &batch.mask[range]);
+        let (nll, _) = masked_nll_rows(model.head(x.clone()), targets, mask, device);
+        let loss = nll.div_scalar(denom);
+        value += scalar(loss.clone());
+        let grads = loss.backward();
+        parts.push(x.grad(&grads).expect("the head's input gradient"));
+        acc.accumulate::<B, _>(model, grads);
+    }
+    (value, Tensor::cat(parts, 1).reshape(dims))
+}
+
+/// The tokens of a `[batch, seq, hidden]` tensor, `rows` at a time in row-major order:
+/// each item is the chunk's range of positions (indices into a [`Batch`]'s targets and
+/// mask) and its rows as a `[1, rows, hidden]` tensor.
+struct HeadChunks<B: Backend> {
+    flat: Tensor<B, 2>,
+    rows: usize,
+    start: usize,
+}
+
+impl<B: Backend> HeadChunks<B> {
+    fn new(x: Tensor<B, 3>, rows: usize) -> Self {
+        let [b, t, d] = x.dims();
+        Self {
+            flat: x.reshape([b * t, d]),
+            rows: rows.max(1),
+            start: 0,
+        }
+    }
+}
+
+impl<B: Backend> Iterator for HeadChunks<B> {
+    type Item = (std::ops::Range<usize>, Tensor<B, 3>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let [n, d] = self.flat.dims();
+        if self.start >= n {
+            return None;
+        }
+        let range = self.start..(self.start + self.rows).min(n);
+        self.start = range.end;
+        let x = self.flat.clone().slice(range.clone());
+        Some((range.clone(), x.reshape([1, range.len(), d])))
+    }
 }
 
 /// The process's peak resident set size (`VmHWM`), where the OS reports it (Linux).
