@@ -36,7 +36,8 @@ pub fn check_training(recipe: &Recipe) -> Result<()> {
              wrong gradients in this kiln (its NF4 forward pass matches the CPU, its gradients do \
              not; see docs/performance.md). Train QLoRA on the CPU (`--set run.backend=flex \
              --set run.device=cpu`), or LoRA on an f32 base on CUDA (`--set adapter.kind=lora`), \
-             which matches the CPU"
+             which matches the CPU. `kiln doctor --backend cuda` compares the NF4 operations \
+             with the CPU on this GPU"
         );
     }
     Ok(())

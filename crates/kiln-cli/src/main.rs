@@ -3,6 +3,7 @@
 mod backend;
 mod bench;
 mod data;
+mod doctor;
 mod generate;
 mod inspect;
 mod plot;
@@ -127,6 +128,17 @@ fn print_bytes(bytes: &[u8]) -> Result<ExitCode> {
     }
 }
 
+/// Backends `kiln doctor` checks.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DoctorBackend {
+    /// burn-flex, checked against burn-ndarray.
+    Flex,
+    /// burn-ndarray.
+    Ndarray,
+    /// burn-cuda (a build with `--features cuda`).
+    Cuda,
+}
+
 /// Export formats.
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum ExportFormat {
@@ -178,6 +190,30 @@ enum Command {
         /// `this-host:PORT`.
         #[arg(long, default_value_t = 7300)]
         port: u16,
+    },
+    /// Check that a backend computes kiln's operations and their gradients as the CPU
+    /// does: matmuls, the NF4 weight and linear layer, a QLoRA projection, attention,
+    /// cross-entropy and the fused ops, at the QLoRA smoke recipe's sizes, each against
+    /// the same computation on the CPU (Flex; NdArray when Flex is checked). Run it on a
+    /// new machine or GPU before training there. Exit status 1 when an output differs.
+    Doctor {
+        /// The backend to check.
+        #[arg(long, value_enum, default_value_t = DoctorBackend::Flex)]
+        backend: DoctorBackend,
+        /// Its device: `cpu`, or `cuda:N`.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Runs of each check, to tell results that vary from run to run from results that
+        /// are wrong every time.
+        #[arg(long, value_name = "N", default_value_t = 2)]
+        repeat: usize,
+        /// Largest accepted relative error, `max |a - b| / max |reference|` of an output
+        /// (GPU matmuls may round f32 inputs to TF32, about 1e-3).
+        #[arg(long, value_name = "E", default_value_t = 1e-2)]
+        tolerance: f64,
+        /// Also write the results to this JSON file.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
     },
     /// Evaluate a checkpoint on the recipe's held-out data (JSON on stdout), or with
     /// --tool-calls by what it generates for a chat test set.
@@ -492,6 +528,27 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             run.write_recipe(&loaded.recipe)?;
             train(loaded.recipe, run, checkpoint, stop_after)
+        }
+        Command::Doctor {
+            backend,
+            device,
+            repeat,
+            tolerance,
+            json,
+        } => {
+            let backend = match backend {
+                DoctorBackend::Flex => kiln_recipe::BackendKind::Flex,
+                DoctorBackend::Ndarray => kiln_recipe::BackendKind::Ndarray,
+                DoctorBackend::Cuda => kiln_recipe::BackendKind::Cuda,
+            };
+            doctor::doctor(&doctor::DoctorOptions {
+                backend,
+                device,
+                repeat,
+                tolerance,
+                json,
+            })?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Orchestrator { port } => {
             eprintln!(

@@ -567,7 +567,10 @@ fn tensor_ops_causal_depthwise_backward<B: Backend>(
 
 /// `1 / sqrt(mean(x²) + eps)` of each row of `x: [rows, width]`, as `[rows, 1]`.
 fn inverse_rms<B: Backend>(x: Tensor<B, 2>, eps: f64) -> Tensor<B, 2> {
-    x.square().mean_dim(1).add_scalar(eps).sqrt().recip()
+    // A division, not `recip()`: burn-ndarray's reciprocal is an approximation with a
+    // relative error near 3e-4 (`kiln doctor --backend ndarray` showed it against Flex).
+    let rms = x.square().mean_dim(1).add_scalar(eps).sqrt();
+    rms.ones_like().div(rms)
 }
 
 /// [`KilnBackend::kiln_rms_norm`] in tensor ops.
