@@ -8,15 +8,14 @@ optimizer, steps) and trains the PyTorch counterpart on the CPU for the same ste
   hidden size, layers and heads (4:1 grouped-query) and its MLP widened to the same
   parameter count, since neither family exists in PyTorch.
 
-AdamW with the recipe's settings (bitsandbytes' 8-bit AdamW is CUDA-only, so on the CPU
-`adamw8bit` runs as torch AdamW and says so). Prints the same JSON keys as `kiln bench`,
-then the kiln / PyTorch ratio.
+AdamW with the recipe's settings (`adamw8bit` as bitsandbytes' AdamW8bit). Prints the
+same JSON keys as `kiln bench`, then the kiln / PyTorch ratio.
 
-When kiln ran on CUDA, so does this (`--device` overrides), and a recipe's adapter is
-copied the way a PyTorch user trains it: `qlora` as transformers + peft + bitsandbytes
-(NF4 double-quantized Linear4bit base with bf16 compute, `prepare_model_for_kbit_training`,
-LoRA on the recipe's targets, bitsandbytes' AdamW8bit, bf16 autocast), `lora` as peft on
-an fp32 base; activation checkpointing and NEFTune follow the recipe.
+When kiln ran on CUDA, so does this (`--device` overrides). A recipe's adapter is copied
+the way a PyTorch user trains it: `qlora` as transformers + peft + bitsandbytes (NF4
+double-quantized Linear4bit base, `prepare_model_for_kbit_training`, LoRA on the recipe's
+targets), with bf16 compute and autocast on CUDA and f32 compute on the CPU, as kiln;
+`lora` as peft on an fp32 base. Activation checkpointing and NEFTune follow the recipe.
 
     .venv/bin/pip install torch transformers
     kiln bench recipes/bench/qwen2-tiny-bench.toml --json /tmp/kiln.json
@@ -75,9 +74,9 @@ def config_for(kiln):
     return c, f"dense transformers Qwen2 baseline of the same size (intermediate {c['intermediate_size']})"
 
 
-def qlora_base(model, targets):
+def qlora_base(model, targets, device, compute_dtype):
     """Replaces the targeted linears of every decoder layer by bitsandbytes' NF4
-    double-quantized Linear4bit (bf16 compute), quantizing the random weights on the GPU."""
+    double-quantized Linear4bit, quantizing the random weights on `device`."""
     import bitsandbytes as bnb
 
     for layer in model.model.layers:
@@ -86,15 +85,16 @@ def qlora_base(model, targets):
                 if name not in targets or not isinstance(lin, torch.nn.Linear):
                     continue
                 q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                      compute_dtype=torch.bfloat16, compress_statistics=True,
+                                      compute_dtype=compute_dtype, compress_statistics=True,
                                       quant_type="nf4", device="meta")
                 q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, compress_statistics=True,
-                                             quant_type="nf4").to("cuda")
+                                             quant_type="nf4").to(device)
                 if lin.bias is not None:
                     q.bias = torch.nn.Parameter(lin.bias.data, requires_grad=False)
                 setattr(parent, name, q)
                 del lin
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
 
 def neftune(model, alpha):
@@ -124,8 +124,6 @@ def main():
     adapter = kiln.get("adapter")
     train = kiln.get("train", {})
     qlora = adapter is not None and adapter["kind"] == "qlora"
-    if qlora and not cuda:
-        sys.exit("bench_torch.py: a qlora recipe needs --device cuda (bitsandbytes' NF4 training is CUDA-only)")
     notes = []
     config = Qwen2Config(
         vocab_size=cfg["vocab_size"],
@@ -141,7 +139,8 @@ def main():
         attn_implementation="sdpa",
     )
     # A QLoRA base is built in bf16 directly on the GPU (7.6B parameters), then quantized.
-    torch.set_default_dtype(torch.bfloat16 if qlora else torch.float32)
+    bf16 = qlora and cuda
+    torch.set_default_dtype(torch.bfloat16 if bf16 else torch.float32)
     with torch.device(device):
         model = Qwen2ForCausalLM(config)
     torch.set_default_dtype(torch.float32)
@@ -150,9 +149,10 @@ def main():
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
         if qlora:
-            qlora_base(model, adapter["targets"])
+            qlora_base(model, adapter["targets"], device, torch.bfloat16 if bf16 else torch.float32)
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
-            what = "transformers Qwen2 + bitsandbytes NF4 (double quant, bf16 compute) + peft LoRA"
+            what = ("transformers Qwen2 + bitsandbytes NF4 (double quant, "
+                    f"{'bf16' if bf16 else 'f32'} compute) + peft LoRA")
         else:
             what = "transformers Qwen2 (fp32) + peft LoRA"
         model = get_peft_model(model, LoraConfig(
@@ -165,18 +165,18 @@ def main():
     model.train()
     o = kiln["optim"]
     trainable = [p for p in model.parameters() if p.requires_grad]
-    if o["kind"] == "adamw8bit" and cuda:
+    if o["kind"] == "adamw8bit":
         import bitsandbytes as bnb
 
         opt = bnb.optim.AdamW8bit(trainable, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
                                   weight_decay=o["weight_decay"])
     else:
         if o["kind"] != "adamw":
-            notes.append(f"optimizer {o['kind']} runs as torch AdamW (bitsandbytes' 8-bit optimizers need CUDA)")
+            notes.append(f"optimizer {o['kind']} runs as torch AdamW")
         opt = torch.optim.AdamW(trainable, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
                                 weight_decay=o["weight_decay"])
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=qlora)
-    if qlora:
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
+    if bf16:
         notes.append("bf16 autocast (kiln computes in f32)")
     clip = train.get("clip_norm", 1.0)
     b, t, accum = kiln["batch"], kiln["seq"], kiln["grad_accum"]

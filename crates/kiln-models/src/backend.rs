@@ -138,6 +138,19 @@ pub trait KilnBackend: Backend {
         tensor_ops_swiglu::<Self>(gate, up)
     }
 
+    /// A dropout mask of `shape` (f32): each value is `1 / keep` with probability `keep`
+    /// and 0 otherwise, drawn from the backend's generator, so `seed` replays it. A
+    /// constant, never differentiated. The default samples a Bernoulli tensor.
+    fn kiln_dropout_mask(shape: Shape, keep: f64, device: &Self::Device) -> FloatTensor<Self> {
+        let mask = Self::float_random(
+            shape,
+            burn::tensor::Distribution::Bernoulli(keep),
+            device,
+            burn::tensor::FloatDType::F32,
+        );
+        Self::float_mul_scalar(mask, (1.0 / keep).into())
+    }
+
     /// The gradients `[d_gate, d_up]` of [`Self::kiln_swiglu`] given its output's gradient.
     fn kiln_swiglu_backward(
         gate: FloatTensor<Self>,
@@ -801,6 +814,12 @@ impl KilnBackend for burn::backend::Flex {
         }
     }
 
+    /// Burn's Flex samples a Bernoulli value at a time from ChaCha20 on one thread: 44% of
+    /// a QLoRA smoke step went to its LoRA dropout masks.
+    fn kiln_dropout_mask(shape: Shape, keep: f64, device: &Self::Device) -> FloatTensor<Self> {
+        host_dropout_mask::<Self>(shape, keep, device)
+    }
+
     fn kiln_scale_rows(x: FloatTensor<Self>, s: FloatTensor<Self>) -> FloatTensor<Self> {
         match (contiguous_f32(&x), contiguous_f32(&s)) {
             (Some(xc), Some(sc)) => {
@@ -1049,7 +1068,30 @@ fn flex_f32<const D: usize>(values: Vec<f32>, shape: [usize; D]) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape))
 }
 
-impl KilnBackend for burn::backend::NdArray {}
+/// The CPU backends share [`host_dropout_mask`], so that they draw the same masks from the
+/// same seed.
+impl KilnBackend for burn::backend::NdArray {
+    fn kiln_dropout_mask(shape: Shape, keep: f64, device: &Self::Device) -> FloatTensor<Self> {
+        host_dropout_mask::<Self>(shape, keep, device)
+    }
+}
+
+/// [`KilnBackend::kiln_dropout_mask`] computed on the host, on every core: 64 bits drawn
+/// from the backend's generator seed [`cpu::dropout_mask`], a counter-based hash.
+fn host_dropout_mask<B: Backend>(shape: Shape, keep: f64, device: &B::Device) -> FloatTensor<B> {
+    let draws = B::float_random(
+        Shape::new([1, 1, 1, 4]),
+        burn::tensor::Distribution::Uniform(0.0, 65536.0),
+        device,
+        burn::tensor::FloatDType::F32,
+    );
+    let seed = host_float::<B>(draws)
+        .0
+        .iter()
+        .fold(0u64, |s, &d| (s << 16) | (d as u64 & 0xffff));
+    let mask = cpu::dropout_mask(shape.num_elements(), keep, seed);
+    B::float_from_data(TensorData::new(mask, shape), device)
+}
 #[cfg(feature = "cuda")]
 impl KilnBackend for burn::backend::Cuda {
     fn nf4_weight(w: &Arc<Nf4Tensor>, device: &Self::Device) -> FloatTensor<Self> {
@@ -1339,6 +1381,10 @@ impl<B: KilnBackend, C: CheckpointStrategy> KilnBackend for Autodiff<B, C> {
 
     fn kiln_scale_rows(x: FloatTensor<Self>, s: FloatTensor<Self>) -> FloatTensor<Self> {
         Binary::ScaleRows.record::<B, C>(x, s)
+    }
+
+    fn kiln_dropout_mask(shape: Shape, keep: f64, device: &Self::Device) -> FloatTensor<Self> {
+        <Self as AutodiffBackend>::from_inner(B::kiln_dropout_mask(shape, keep, device))
     }
 
     fn kiln_causal_depthwise(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {

@@ -159,7 +159,7 @@ impl<B: KilnBackend> Proj<B> {
         };
         if let (Some(a), Some(b)) = (&self.lora_A, &self.lora_B) {
             let x = match &self.lora_dropout {
-                Some(d) => d.forward(x),
+                Some(d) => crate::ops::dropout(x, d.prob),
                 None => x,
             };
             y = y + b.forward(a.forward(x)).mul_scalar(self.scale);

@@ -41,6 +41,18 @@ pub fn swiglu<B: KilnBackend, const D: usize>(
     )))
 }
 
+/// Dropout where the backend records gradients (training): `x ⊙ mask` with a
+/// [`KilnBackend::kiln_dropout_mask`] of `x`'s shape, as `burn::nn::Dropout` computes it;
+/// `x` itself at `prob` 0 or without autodiff.
+pub fn dropout<B: KilnBackend, const D: usize>(x: Tensor<B, D>, prob: f64) -> Tensor<B, D> {
+    let device = x.device();
+    if prob <= 0.0 || !B::ad_enabled(&device) {
+        return x;
+    }
+    let mask = B::kiln_dropout_mask(x.shape(), 1.0 - prob, &device);
+    x * Tensor::from_primitive(TensorPrimitive::Float(mask))
+}
+
 /// `x * s` with one scale per row, as one backend op ([`KilnBackend::kiln_scale_rows`]):
 /// a host kernel on the CPU backend, where the broadcast product walks the elements one by
 /// one when `s` is a view (a column of routing weights).
@@ -130,4 +142,40 @@ pub fn causal_depthwise_tensor_ops<B: Backend>(
         });
     }
     out.expect("kernel of at least one tap")
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::{Autodiff, Flex};
+
+    use super::*;
+
+    #[test]
+    fn dropout_scales_kept_values_and_passes_its_mask_to_the_gradient() {
+        type A = Autodiff<Flex>;
+        let device = Default::default();
+        let values: Vec<f32> = (0..4000).map(|i| 1.0 + (i % 7) as f32).collect();
+        let x = Tensor::<A, 2>::from_data(TensorData::new(values.clone(), [40, 100]), &device)
+            .require_grad();
+        let y = dropout(x.clone(), 0.25);
+        let grads = y.clone().sum().backward();
+        let y: Vec<f32> = y.into_data().to_vec().unwrap();
+        let g: Vec<f32> = x.grad(&grads).unwrap().into_data().to_vec().unwrap();
+        let scale = 1.0 / 0.75;
+        for ((y, g), x) in y.iter().zip(&g).zip(&values) {
+            // Each value is dropped (0, gradient 0) or kept (x / keep, gradient 1 / keep).
+            assert!(
+                (*y == 0.0 && *g == 0.0)
+                    || ((y - x * scale).abs() < 1e-5 && (g - scale).abs() < 1e-6),
+                "y {y}, grad {g}, x {x}"
+            );
+        }
+        let kept = g.iter().filter(|&&g| g > 0.0).count();
+        assert!((2850..3150).contains(&kept), "kept {kept} of 4000");
+        // No dropout at probability 0, nor on a backend without autodiff (inference).
+        let x = Tensor::<Flex, 1>::from_data(TensorData::new(values.clone(), [4000]), &device);
+        assert_eq!(dropout(x.clone(), 0.25).into_data(), x.clone().into_data());
+        let xa = Tensor::<A, 1>::from_data(TensorData::new(values, [4000]), &device);
+        assert_eq!(dropout(xa.clone(), 0.0).into_data(), xa.into_data());
+    }
 }
