@@ -17,7 +17,7 @@ double-quantized Linear4bit base, `prepare_model_for_kbit_training`, LoRA on the
 targets), with bf16 compute and autocast on CUDA and f32 compute on the CPU, as kiln;
 `lora` as peft on an fp32 base. Activation checkpointing and NEFTune follow the recipe.
 
-    .venv/bin/pip install torch transformers
+    .venv/bin/pip install torch transformers peft bitsandbytes
     kiln bench recipes/bench/qwen2-tiny-bench.toml --json /tmp/kiln.json
     .venv/bin/python scripts/bench_torch.py --like /tmp/kiln.json [--json /tmp/torch.json]
 """
