@@ -178,6 +178,20 @@ fn float<B: Backend, const D: usize>(t: burn::tensor::ops::FloatTensor<B>) -> Te
     Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 
+/// The outputs of an attention check: its values, then the gradients of `q`, `k` and `v`.
+fn attention_outputs<B: AutodiffBackend>(
+    out: burn::tensor::ops::FloatTensor<B>,
+    [q, k, v]: [&Tensor<B, 4>; 3],
+) -> Outputs {
+    let (y, g) = backward(float::<B, 4>(out));
+    vec![
+        ("output", y),
+        ("d q", grad(q, &g)),
+        ("d k", grad(k, &g)),
+        ("d v", grad(v, &g)),
+    ]
+}
+
 /// An NF4 weight of the checks, `[out, in]` (Hugging Face layout).
 fn nf4_weight(shape: [usize; 2]) -> Arc<Nf4Tensor> {
     let w: Vec<f32> = values(shape[0] * shape[1], 7)
@@ -265,13 +279,7 @@ fn compute<B: KilnAutodiffBackend>(check: Check, device: &B::Device) -> Outputs 
             let v = leaf::<B, 4>([8, 2, 256, 32], 3, device);
             let prim = |t: &Tensor<B, 4>| t.clone().into_primitive().tensor();
             let out = B::kiln_attention(prim(&q), prim(&k), prim(&v), None, 32f64.powf(-0.5), true);
-            let (y, g) = backward(float::<B, 4>(out));
-            vec![
-                ("output", y),
-                ("d q", grad(&q, &g)),
-                ("d k", grad(&k, &g)),
-                ("d v", grad(&v, &g)),
-            ]
+            attention_outputs::<B>(out, [&q, &k, &v])
         }
         Check::CrossEntropy => {
             let logits = (constant::<B, 2>([n, 1024], 1, device) * 4.0).require_grad();
@@ -359,13 +367,7 @@ fn compute<B: KilnAutodiffBackend>(check: Check, device: &B::Device) -> Outputs 
                 32,
                 32f64.powf(-0.5),
             );
-            let (y, g) = backward(float::<B, 4>(out));
-            vec![
-                ("output", y),
-                ("d q", grad(&q, &g)),
-                ("d k", grad(&k, &g)),
-                ("d v", grad(&v, &g)),
-            ]
+            attention_outputs::<B>(out, [&q, &k, &v])
         }
     }
 }
