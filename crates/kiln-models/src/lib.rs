@@ -11,23 +11,19 @@
 // A global allocator is unsafe by definition; each block's provenance is argued there.
 #[allow(unsafe_code)]
 pub mod alloc;
-pub mod backend;
-// Picks vector code at run time (`cpu::multiversion`).
-#[allow(unsafe_code)]
-pub mod chunk_attention;
 pub mod convgpt;
-// Host kernels call the gemm crate through raw pointers and pick vector code at run time.
-#[allow(unsafe_code)]
-pub mod cpu;
 pub mod generate;
 pub mod hf;
 pub mod init;
 pub mod lora;
 pub mod moa;
-pub mod nf4;
 pub mod ops;
-pub mod parallel;
 pub mod qwen2;
+
+// kiln's backend operations, their host kernels and NF4 live in the kiln-ops crate; these
+// names keep the paths the model code and the crates above use.
+pub use kiln_ops as backend;
+pub use kiln_ops::{nf4, parallel};
 
 use std::collections::BTreeMap;
 use std::path::Path;

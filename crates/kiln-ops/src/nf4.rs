@@ -60,15 +60,13 @@ pub fn dynamic_map() -> [f32; 256] {
         data.extend(means.iter().map(|m| f64::from(s * m)));
         data.extend(means.iter().map(|m| f64::from(-s * m)));
     };
-    let mut last = 0;
     for i in 0..max_exponent_bits {
         let items = 2usize.pow((i + non_sign_bits - max_exponent_bits) as u32) + 1;
         let means = linspace_means(items);
         push_scaled(&means, 10f64.powi(-(max_exponent_bits - 1) + i), &mut data);
-        last = i;
     }
-    // `additional_items` is 2^(7-7) - 1 = 0 for the signed 8-bit map: nothing more to add.
-    let _ = last;
+    // bitsandbytes then adds `additional_items = 2^(non_sign_bits - max_exponent_bits) - 1`
+    // levels at the last exponent: 0 for the signed 8-bit map, so nothing more to add.
     data.push(0.0);
     data.push(1.0);
     while data.len() < 256 {
@@ -342,7 +340,7 @@ impl Nf4Tensor {
 
     /// The weights' codes as 32-bit words, eight 4-bit codes per word (the first code in
     /// the highest nibble), zero-padded to a whole number of [`BLOCK`]s: the layout
-    /// [`crate::backend::nf4_weight_on_device`] uploads.
+    /// [`crate::ops::nf4_linear::nf4_weight_on_device`] uploads.
     pub fn code_words(&self) -> Vec<i32> {
         let padded = self.len().div_ceil(BLOCK) * BLOCK;
         let mut bytes = self.packed.clone();
@@ -354,7 +352,7 @@ impl Nf4Tensor {
     }
 
     /// The per-backend copy of this tensor kept on a device (see
-    /// [`crate::backend::nf4_weight_on_device`]).
+    /// [`crate::ops::nf4_linear::nf4_weight_on_device`]).
     pub fn resident(&self) -> &Resident {
         &self.resident
     }

@@ -18,7 +18,7 @@
 
 use rayon::prelude::*;
 
-use crate::cpu::{exp, multiversion};
+use super::simd::{exp, multiversion};
 
 /// Sizes of a chunk attention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
