@@ -59,6 +59,12 @@ pub fn dispatch_on<J: Job>(backend: BackendKind, device: &str, job: J) -> Result
     }
 }
 
+/// Runs `job` on the CPU backend (Flex), whichever backend the run trained on: for work that
+/// only moves weights between files, such as `kiln export`.
+pub fn on_cpu<J: Job>(job: J) -> Result<J::Output> {
+    job.run::<Autodiff<Flex>>(burn::backend::flex::FlexDevice)
+}
+
 #[cfg(feature = "cuda")]
 fn run_cuda<J: Job>(device: &str, job: J) -> Result<J::Output> {
     probe_libcuda()?;

@@ -286,8 +286,20 @@ fn line<'a, 'b>(
     Ok(())
 }
 
+/// `kiln plot`: plots `runs` into `out`, by default RUN_DIR/plot.svg for one run and
+/// kiln-plot.svg for several, and says where on stderr.
+pub fn run(runs: &[PathBuf], out: Option<PathBuf>) -> Result<()> {
+    let out = out.unwrap_or_else(|| match runs {
+        [one] => one.join("plot.svg"),
+        _ => PathBuf::from("kiln-plot.svg"),
+    });
+    plot(runs, &out)?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
+
 /// Draws the plot of `dirs` into `out` (SVG).
-pub fn plot(dirs: &[PathBuf], out: &Path) -> Result<()> {
+fn plot(dirs: &[PathBuf], out: &Path) -> Result<()> {
     match out.extension().and_then(|e| e.to_str()) {
         Some("svg") => {}
         Some("png") => bail!(

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-pub use overrides::{apply_override, diff_keys};
+pub use overrides::{apply_override, diff_keys, resume_changes};
 pub use schema::*;
 
 /// The JSON Schema (draft 7, which TOML language servers such as taplo read) of a recipe
@@ -520,6 +520,31 @@ tokens = 100
         );
         assert_ne!(a.hash(), b.hash());
         assert_eq!(a.hash(), parse(&[]).unwrap().recipe.hash());
+    }
+
+    #[test]
+    fn resume_changes_leave_out_per_process_keys() {
+        // Another rank, host and ports make the same run; another learning rate does not.
+        let leader = ["distributed.nodes=2", "distributed.rank=0"];
+        let saved = parse(&leader).unwrap().recipe;
+        let peer = parse(&[
+            "distributed.nodes=2",
+            "distributed.rank=1",
+            "distributed.host=\"10.0.0.2\"",
+            "distributed.data_port=7400",
+            "distributed.orchestrator=\"10.0.0.1:7300\"",
+        ])
+        .unwrap()
+        .recipe;
+        assert_eq!(diff_keys(&saved, &peer).len(), 4);
+        assert!(resume_changes(&saved, &peer).is_empty());
+        let changed = parse(&["distributed.nodes=2", "distributed.rank=1", "optim.lr=0.5"])
+            .unwrap()
+            .recipe;
+        assert_eq!(
+            resume_changes(&saved, &changed),
+            vec!["optim.lr: 0.001 -> 0.5"]
+        );
     }
 
     #[test]

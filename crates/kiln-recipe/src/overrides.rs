@@ -208,3 +208,22 @@ pub fn diff_keys(old: &crate::Recipe, new: &crate::Recipe) -> Vec<String> {
         })
         .collect()
 }
+
+/// Keys that each process of a data-parallel run sets for itself: the processes of one run
+/// differ in them, and a process may resume with other values than it started with.
+const PER_PROCESS_KEYS: [&str; 4] = [
+    "distributed.rank",
+    "distributed.host",
+    "distributed.data_port",
+    "distributed.orchestrator",
+];
+
+/// What `resume` calls a change of recipe: the `diff_keys` lines between the recipe a
+/// checkpoint was written with and the one a run continues with, less the keys each process
+/// of a data-parallel run sets for itself.
+pub fn resume_changes(saved: &crate::Recipe, resumed: &crate::Recipe) -> Vec<String> {
+    diff_keys(saved, resumed)
+        .into_iter()
+        .filter(|k| !PER_PROCESS_KEYS.iter().any(|p| k.starts_with(p)))
+        .collect()
+}
