@@ -81,26 +81,31 @@ fn main() {
 /// `model <t> <layers> [pad]`: the Qwen2 smoke architecture's training step instead.
 fn model_step(t: usize, layers: usize, pad: bool) {
     let device = Default::default();
-    let model = kiln_models::Qwen2Config {
-        vocab_size: 260,
-        hidden_size: 128,
-        intermediate_size: 352,
-        num_hidden_layers: layers,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        max_position_embeddings: t,
-        rope_theta: 10_000.0,
-        rms_norm_eps: 1e-6,
-        tie_word_embeddings: true,
-        initializer_range: 0.02,
-    }
-    .init::<B>(&kiln_models::Init::new(5), &device);
+    let model = kiln_models::Model::Qwen2(
+        kiln_models::Qwen2Config {
+            vocab_size: 260,
+            hidden_size: 128,
+            intermediate_size: 352,
+            num_hidden_layers: layers,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            max_position_embeddings: t,
+            rope_theta: 10_000.0,
+            rms_norm_eps: 1e-6,
+            tie_word_embeddings: true,
+            initializer_range: 0.02,
+        }
+        .init::<B>(&kiln_models::Init::new(5), &device),
+    );
     let b = 4;
     let ids: Vec<i64> = (0..b * t).map(|i| (i % 250) as i64).collect();
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, t]), &device);
     let padding = pad.then(|| Tensor::<B, 2>::zeros([b, t], &device).equal_elem(1.0));
     let before = peak_mb();
-    let logits = model.forward_masked(ids, padding);
+    let logits = model
+        .forward_masked(ids, padding)
+        .expect("qwen2 masks any padding")
+        .logits;
     let after_forward = peak_mb();
     let grads = logits.powi_scalar(2).mean().backward();
     drop(grads);

@@ -14,7 +14,7 @@ use std::time::Instant;
 use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
 
-use kiln_models::{ConvgptConfig, Init, KilnAutodiffBackend, Model, Qwen2Config};
+use kiln_models::{ConvgptConfig, FamilyConfig, Init, KilnAutodiffBackend, Model, Qwen2Config};
 
 type B = Autodiff<Flex>;
 

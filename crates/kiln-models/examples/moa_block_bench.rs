@@ -14,11 +14,11 @@ use std::time::Instant;
 use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
 
-use kiln_models::{Aux, Init, KilnAutodiffBackend, MoaConfig, Model, Qwen2Config};
+use kiln_models::{Aux, FamilyConfig, Init, KilnAutodiffBackend, MoaConfig, Model, Qwen2Config};
 
 type B = Autodiff<Flex>;
 
-/// Seconds per iteration of `model.layer(0, ..)` forward + backward, after a warmup.
+/// Seconds per iteration of `model.layers(..).layer(0, ..)` forward + backward, after a warmup.
 fn time_layer<A: KilnAutodiffBackend>(
     model: &Model<A>,
     batch: usize,
@@ -28,7 +28,7 @@ fn time_layer<A: KilnAutodiffBackend>(
 ) -> f64 {
     let device = Default::default();
     let ids = Tensor::<A, 2, Int>::zeros([batch, seq], &device);
-    let ctx = model.layer_context(&ids);
+    let layers = model.layers(&ids);
     let x = Tensor::<A, 3>::random(
         [batch, seq, hidden],
         burn::tensor::Distribution::Normal(0.0, 1.0),
@@ -42,7 +42,7 @@ fn time_layer<A: KilnAutodiffBackend>(
     let step = || {
         let x = x.clone().require_grad();
         let mut aux = Aux::default();
-        let y = model.layer(0, x.clone(), &ctx, &mut aux);
+        let y = layers.layer(0, x.clone(), &mut aux);
         let mut loss = (y * up.clone()).sum();
         for (_, a) in aux.losses {
             loss = loss + a;

@@ -9,7 +9,7 @@ mod common;
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use kiln_models::moa::{metric, route};
-use kiln_models::{Init, MoaConfig};
+use kiln_models::{Family, Init, MoaConfig};
 
 use common::{B, time};
 
@@ -26,7 +26,7 @@ fn main() {
     let device = Default::default();
     let model = MoaConfig::from_section(&section).init::<B>(&Init::new(1), &device);
     let ids = Tensor::<B, 2, Int>::zeros([batch, seq], &device);
-    let ctx = model.layer_context(&ids);
+    let ctx = model.context(&ids);
     let h = Tensor::<B, 3>::random(
         [batch, seq, hidden],
         Distribution::Normal(0.0, 1.0),

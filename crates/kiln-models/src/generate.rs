@@ -1,9 +1,10 @@
 //! Text generation from a [`Model`]: greedy decoding, or temperature and nucleus (top-p)
-//! sampling, over an explicit KV cache.
+//! sampling, with each family's decoding step ([`crate::Family::decoder`]).
 //!
-//! The prompt runs in one forward call that fills the cache and yields the first new token;
-//! every further token costs one call over that token alone
-//! ([`Qwen2ForCausalLM::forward_cached`](crate::Qwen2ForCausalLM::forward_cached)). Tokens
+//! With Qwen2's explicit KV cache the prompt runs in one forward call that fills the cache
+//! and yields the first new token; every further token costs one call over that token alone
+//! ([`Qwen2ForCausalLM::forward_cached`](crate::Qwen2ForCausalLM::forward_cached)). Families
+//! without a cache (MoA, ConvGPT) run the whole sequence again at every step. Tokens
 //! are chosen on the host, in f64, from the last position's logits, and the only source of
 //! randomness is [`SplitMix64`] seeded from [`GenerateOptions::seed`]: a seed draws the same
 //! random numbers on every backend, so samples differ between backends only where their
@@ -130,31 +131,14 @@ pub fn generate<B: KilnBackend>(
     if !(opts.top_p > 0.0 && opts.top_p <= 1.0) {
         return Err(GenerateError::TopP(opts.top_p));
     }
-    Ok(match model {
-        Model::Qwen2(m) => {
-            let device = m.model.embed_tokens.weight.device();
-            let mut cache = m.new_cache();
-            decode(prompt, opts, &device, |ids| {
-                m.forward_cached(ids, &mut cache)
-            })
-        }
-        // MoA and ConvGPT have no decoding cache (their convolution, router and memory
-        // states would each need one): every step runs the whole sequence again and keeps
-        // the new tokens' logits, which causality makes equal to a cached decode's.
-        Model::Moa(m) => {
-            let device = m.embed_tokens.weight.device();
-            decode(prompt, opts, &device, recompute(|ids| m.forward(ids).0))
-        }
-        Model::Convgpt(m) => {
-            let device = m.embed_tokens.weight.device();
-            decode(prompt, opts, &device, recompute(|ids| m.forward(ids)))
-        }
-    })
+    let family = model.family();
+    let device = family.embedding().weight.device();
+    Ok(decode(prompt, opts, &device, family.decoder()))
 }
 
 /// A decoding step for a family without a cache: keeps every token seen and runs `forward`
 /// over all of them, returning the new tokens' logits.
-fn recompute<B: KilnBackend>(
+pub(crate) fn recompute<B: KilnBackend>(
     forward: impl Fn(Tensor<B, 2, Int>) -> Tensor<B, 3>,
 ) -> impl FnMut(Tensor<B, 2, Int>) -> Tensor<B, 3> {
     let mut history: Vec<Tensor<B, 2, Int>> = Vec::new();

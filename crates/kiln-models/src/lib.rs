@@ -1,8 +1,10 @@
 //! kiln-models: the model families, generic over the Burn backend.
 //!
 //! A family maps token ids to logits plus named auxiliary losses; everything else (data,
-//! loop, optimizer, checkpoints) is shared. [`Model`] is the one type the trainer sees: an
-//! enum over families, so the loop is monomorphized once per backend, not per family.
+//! loop, optimizer, checkpoints) is shared. Each family implements [`Family`] (in
+//! `family.rs`, which says why [`Model`] is an enum that dispatches in one place) and
+//! composes the shared [`layers`]. [`Model`] is the one type the trainer sees, so the loop is
+//! monomorphized once per backend, not per family.
 //!
 //! Parameters are addressed by their checkpoint names (`model.layers.0.mlp.up_proj.weight`),
 //! built from the module field names by [`named_params`]; [`load_named`] puts tensors back
@@ -12,29 +14,35 @@
 #[allow(unsafe_code)]
 pub mod alloc;
 pub mod convgpt;
+pub mod family;
 pub mod generate;
 pub mod hf;
 pub mod init;
+pub mod layers;
 pub mod lora;
 pub mod moa;
 pub mod ops;
 pub mod qwen2;
 
+mod adapter;
+
+pub use adapter::BaseFootprint;
 // kiln's backend operations, their host kernels and NF4 live in the kiln-ops crate; these
 // names keep the paths the model code and the crates above use.
 pub use kiln_ops as backend;
 pub use kiln_ops::{nf4, parallel};
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::prelude::*;
 
-use kiln_recipe::{AdapterKind, AdapterSection, InitKind, ModelFamily, Recipe};
+use kiln_recipe::{AdapterKind, InitKind, ModelFamily, Recipe};
 
 pub use backend::{KilnAutodiffBackend, KilnBackend};
 pub use convgpt::{ConvgptConfig, ConvgptModel};
+pub use family::{AnyFamily, Family, FamilyConfig, HfFormat, Layers};
 pub use generate::{GenerateError, GenerateOptions, Generation, generate};
 pub use init::Init;
 pub use moa::{MoaConfig, MoaModel};
@@ -46,14 +54,46 @@ pub enum ModelError {
     /// The recipe lacks the family's table.
     #[error("model.{0}: missing table for the chosen family")]
     MissingConfig(&'static str),
-    /// Loaded tensors do not match the model.
+    /// Loaded tensors do not match the model's parameters.
     #[error("{0}")]
-    Load(String),
+    Mismatch(Box<WeightMismatch>),
+    /// The model has no LoRA adapters to export.
+    #[error("the model has no LoRA adapters to export")]
+    NoAdapters,
+    /// A plain export of a model that still has adapters.
+    #[error(
+        "the model has LoRA adapters: merge them first (`merged`) or export them in PEFT format"
+    )]
+    UnmergedAdapters,
+    /// The family has no projections that adapters can target.
+    #[error("`{family}` models take no adapters (adapters apply to qwen2)")]
+    NoAdapterTargets {
+        /// The family.
+        family: &'static str,
+    },
+    /// The family has no Hugging Face format.
+    #[error(
+        "`{family}` models have no Hugging Face format: a checkpoint's model.safetensors is the model"
+    )]
+    NoHfFormat {
+        /// The family.
+        family: &'static str,
+    },
+    /// A padding mask the family cannot honour.
+    #[error(
+        "`{family}` takes right padding only (it has no padding mask): row {row} has a token after padding"
+    )]
+    Padding {
+        /// The family.
+        family: &'static str,
+        /// The first row with padding before a token.
+        row: usize,
+    },
     /// A required file is absent.
     #[error("`{path}` not found: {hint}")]
     MissingFile {
         /// The file.
-        path: std::path::PathBuf,
+        path: PathBuf,
         /// What was expected.
         hint: String,
     },
@@ -61,7 +101,7 @@ pub enum ModelError {
     #[error("`{path}`: {source}")]
     Io {
         /// The file.
-        path: std::path::PathBuf,
+        path: PathBuf,
         /// The underlying error.
         source: std::io::Error,
     },
@@ -69,7 +109,7 @@ pub enum ModelError {
     #[error("`{path}`: {message}")]
     Safetensors {
         /// The file.
-        path: std::path::PathBuf,
+        path: PathBuf,
         /// What is wrong.
         message: String,
     },
@@ -77,10 +117,72 @@ pub enum ModelError {
     #[error("`{path}`: {message}")]
     Config {
         /// The file.
-        path: std::path::PathBuf,
+        path: PathBuf,
         /// What is wrong.
         message: String,
     },
+}
+
+/// Tensors that do not match a model's parameters, each named.
+#[derive(Debug, Default)]
+pub struct WeightMismatch {
+    /// Where the tensors came from (a directory or file), when known.
+    pub origin: Option<PathBuf>,
+    /// Tensors whose shape differs from their parameter's.
+    pub shapes: Vec<ShapeMismatch>,
+    /// Parameters that no tensor filled.
+    pub missing: Vec<String>,
+    /// Tensors that fill no parameter (with why, when more is known than the name).
+    pub unused: Vec<String>,
+}
+
+/// A tensor whose shape differs from its parameter's.
+#[derive(Debug)]
+pub struct ShapeMismatch {
+    /// The tensor's checkpoint name.
+    pub tensor: String,
+    /// The parameter's shape.
+    pub expected: Vec<usize>,
+    /// The tensor's shape.
+    pub found: Vec<usize>,
+}
+
+impl WeightMismatch {
+    fn is_empty(&self) -> bool {
+        self.shapes.is_empty() && self.missing.is_empty() && self.unused.is_empty()
+    }
+
+    /// `Ok(())` when everything matched, the error otherwise.
+    fn into_result(self) -> Result<(), ModelError> {
+        if self.is_empty() {
+            Ok(())
+        } else {
+            Err(ModelError::Mismatch(Box::new(self)))
+        }
+    }
+}
+
+impl std::fmt::Display for WeightMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(origin) = &self.origin {
+            write!(f, "`{}`: ", origin.display())?;
+        }
+        write!(f, "weights do not match the model:")?;
+        for m in &self.shapes {
+            write!(
+                f,
+                "\n  shape mismatch: {}: expected shape {:?}, found {:?}",
+                m.tensor, m.expected, m.found
+            )?;
+        }
+        if !self.missing.is_empty() {
+            write!(f, "\n  missing: {}", self.missing.join(", "))?;
+        }
+        if !self.unused.is_empty() {
+            write!(f, "\n  unused: {}", self.unused.join(", "))?;
+        }
+        Ok(())
+    }
 }
 
 /// What a forward pass returns.
@@ -125,37 +227,6 @@ pub struct RouterPaths {
     pub top_k: usize,
 }
 
-/// What the layers of one forward pass share (positions, masks), per family.
-#[derive(Debug, Clone)]
-pub enum LayerContext<B: KilnBackend> {
-    /// Qwen2's RoPE tables and attention bias.
-    Qwen2(qwen2::LayerContext<B>),
-    /// MoA's causal bias and rotary tables.
-    Moa(moa::MoaContext<B>),
-    /// ConvGPT's grid taps and rotary tables.
-    Convgpt(convgpt::ConvgptContext<B>),
-}
-
-/// NEFTune (Jain et al. 2023): uniform noise of magnitude `alpha / sqrt(L * d)` on the input
-/// embeddings, in training only (never in eval or generation, which run without autodiff).
-///
-/// # Shapes
-/// - x: `[batch, seq, hidden]` -> `[batch, seq, hidden]`
-pub(crate) fn neftune<B: Backend>(x: Tensor<B, 3>, alpha: f64) -> Tensor<B, 3> {
-    let device = x.device();
-    if alpha <= 0.0 || !B::ad_enabled(&device) {
-        return x;
-    }
-    let [_, t, d] = x.dims();
-    let m = alpha / ((t * d) as f64).sqrt();
-    let noise = Tensor::random(
-        x.shape(),
-        burn::tensor::Distribution::Uniform(-m, m),
-        &device,
-    );
-    x + noise
-}
-
 /// Bytes (f32) per token kept for the backward pass, from per-token value counts: one
 /// layer's activations (`one_layer`), all layers' (`all_layers`) and every layer's input
 /// (`inputs`, what activation checkpointing keeps besides one layer), plus the logits with
@@ -177,29 +248,34 @@ pub(crate) fn activation_bytes(
     4 * (kept + transient) + logits_bytes_per_token(vocab)
 }
 
+/// [`activation_bytes`] of `layers` alike layers, `per_layer` values and `hidden` wide
+/// each, with one attention block's scores, probabilities and their gradient alive at a time:
+/// for `heads` heads, a block of [`backend::ATTENTION_BLOCK`] queries (at most `seq`) over
+/// `seq` keys, i.e. `3 · heads · block` values per token.
+pub(crate) fn attention_activation_bytes(
+    [per_layer, layers, hidden]: [u64; 3],
+    heads: usize,
+    seq: usize,
+    vocab: usize,
+    checkpointed: bool,
+) -> u64 {
+    let block = backend::ATTENTION_BLOCK.min(seq) as u64;
+    let transient = 3 * heads as u64 * block;
+    activation_bytes(
+        per_layer,
+        per_layer * layers,
+        hidden * layers,
+        vocab,
+        transient,
+        checkpointed,
+    )
+}
+
 /// Bytes (f32) per token of the logits, with what the fused cross-entropy and the head's
 /// backward hold beside them (3 × `vocab` values): the part of the activations that
 /// `train.head_chunk_tokens` bounds to one chunk.
 pub fn logits_bytes_per_token(vocab: usize) -> u64 {
     4 * 3 * vocab as u64
-}
-
-/// The size of an adapter run's frozen base projections.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct BaseFootprint {
-    /// Weights under adapters.
-    pub weights: u64,
-    /// Bytes they hold.
-    pub bytes: u64,
-    /// Whether they are NF4.
-    pub nf4: bool,
-}
-
-impl BaseFootprint {
-    /// Bytes per weight.
-    pub fn bytes_per_weight(&self) -> f64 {
-        self.bytes as f64 / self.weights.max(1) as f64
-    }
 }
 
 /// Every model family kiln trains.
@@ -214,6 +290,25 @@ pub enum Model<B: KilnBackend> {
 }
 
 impl<B: KilnBackend> Model<B> {
+    /// The family behind the model: the one place that matches on it (`family.rs` says
+    /// why the model is an enum).
+    pub fn family(&self) -> &dyn AnyFamily<B> {
+        match self {
+            Self::Qwen2(m) => m,
+            Self::Moa(m) => m,
+            Self::Convgpt(m) => m,
+        }
+    }
+
+    /// [`Model::family`], mutable.
+    pub fn family_mut(&mut self) -> &mut dyn AnyFamily<B> {
+        match self {
+            Self::Qwen2(m) => m,
+            Self::Moa(m) => m,
+            Self::Convgpt(m) => m,
+        }
+    }
+
     /// Builds the recipe's model: random weights from `run.seed`, or pretrained weights
     /// from the family's `hf_dir`.
     pub fn from_recipe(recipe: &Recipe, device: &B::Device) -> Result<Self, ModelError> {
@@ -228,64 +323,15 @@ impl<B: KilnBackend> Model<B> {
     fn build(
         recipe: &Recipe,
         device: &B::Device,
-        qlora: Option<&AdapterSection>,
+        qlora: Option<&kiln_recipe::AdapterSection>,
     ) -> Result<Self, ModelError> {
-        let init = Init::new(recipe.run.seed);
-        match ModelSpec::from_recipe(recipe)? {
-            ModelSpec::Moa(cfg) => Ok(Self::Moa(cfg.init(&init, device))),
-            ModelSpec::Convgpt(cfg) => Ok(Self::Convgpt(cfg.init(&init, device))),
-            ModelSpec::Qwen2(cfg) => {
-                let section = recipe
-                    .model
-                    .qwen2
-                    .as_ref()
-                    .ok_or(ModelError::MissingConfig("qwen2"))?;
-                let model = Self::Qwen2(cfg.init(&init, device));
-                let (InitKind::Pretrained, Some(dir)) = (section.init_kind(), &section.hf_dir)
-                else {
-                    return Ok(match qlora {
-                        Some(a) => model.with_adapter(a, recipe.run.seed, device),
-                        None => model,
-                    });
-                };
-                let mut quantized = BTreeMap::new();
-                let tensors = hf::read_checkpoint(Path::new(dir), |n, t| {
-                    if let Some(module) = n.strip_suffix(".weight")
-                        && qlora.is_some_and(|a| is_target(module, a))
-                        && t.shape.len() == 2
-                    {
-                        // Hugging Face layout [out, in], as bitsandbytes quantizes it.
-                        let q = nf4::Nf4Tensor::quantize(&t.values, &t.shape);
-                        quantized.insert(module.to_string(), std::sync::Arc::new(q));
-                        return None;
-                    }
-                    cfg.from_hf_tensor(n, t)
-                })?;
-                let mut mismatched = Vec::new();
-                let model = match qlora {
-                    Some(a) => model.with_adapter_on(
-                        a,
-                        recipe.run.seed,
-                        device,
-                        &mut quantized,
-                        &mut mismatched,
-                    ),
-                    None => model,
-                };
-                mismatched.extend(
-                    quantized
-                        .keys()
-                        .map(|m| format!("{m}.weight: not a projection of this model")),
-                );
-                if !mismatched.is_empty() {
-                    return Err(ModelError::Load(format!(
-                        "`{dir}`: weights do not match the model:\n  {}",
-                        mismatched.join("\n  ")
-                    )));
-                }
-                load_checked(model, tensors, device, Require::AllButAdapters)
-                    .map_err(|e| ModelError::Load(format!("`{dir}`: {e}")))
-            }
+        let model = ModelSpec::from_recipe(recipe)?.init(&Init::new(recipe.run.seed), device);
+        match pretrained_dir(recipe) {
+            Some(dir) => adapter::load_pretrained(model, dir, recipe.run.seed, qlora, device),
+            None => Ok(match qlora {
+                Some(a) => model.with_adapter(a, recipe.run.seed, device),
+                None => model,
+            }),
         }
     }
 
@@ -296,102 +342,8 @@ impl<B: KilnBackend> Model<B> {
         tensors: BTreeMap<String, NamedTensor>,
         device: &B::Device,
     ) -> Result<Self, ModelError> {
-        let init = Init::new(recipe.run.seed);
-        let model = match ModelSpec::from_recipe(recipe)? {
-            ModelSpec::Qwen2(cfg) => Self::Qwen2(cfg.init(&init, device)),
-            ModelSpec::Moa(cfg) => Self::Moa(cfg.init(&init, device)),
-            ModelSpec::Convgpt(cfg) => Self::Convgpt(cfg.init(&init, device)),
-        };
+        let model = ModelSpec::from_recipe(recipe)?.init(&Init::new(recipe.run.seed), device);
         load_named(model, tensors, device)
-    }
-
-    /// Attaches LoRA adapters to the recipe's target projections and freezes every other
-    /// parameter; `qlora` also quantizes the targeted base weights to NF4. `A` is drawn
-    /// from `seed` by parameter name (kaiming-uniform with a = sqrt(5), as PEFT), `B` is zero.
-    pub fn with_adapter(self, adapter: &AdapterSection, seed: u64, device: &B::Device) -> Self {
-        self.with_adapter_on(adapter, seed, device, &mut BTreeMap::new(), &mut Vec::new())
-    }
-
-    /// [`Model::with_adapter`], taking a target's NF4 base from `quantized` (by module
-    /// name) when it is there instead of quantizing the module's own weight.
-    fn with_adapter_on(
-        self,
-        adapter: &AdapterSection,
-        seed: u64,
-        device: &B::Device,
-        quantized: &mut BTreeMap<String, std::sync::Arc<nf4::Nf4Tensor>>,
-        mismatched: &mut Vec<String>,
-    ) -> Self {
-        let init = Init::new(seed);
-        let scale = if adapter.rslora {
-            adapter.alpha / (adapter.rank as f64).sqrt()
-        } else {
-            adapter.alpha / adapter.rank as f64
-        };
-        let spec = lora::LoraSpec {
-            rank: adapter.rank,
-            scale,
-            dropout: adapter.dropout,
-            nf4: adapter.kind == AdapterKind::Qlora,
-        };
-        let mut attach = |p: lora::Proj<B>, name: String| -> lora::Proj<B> {
-            if !is_target(&name, adapter) {
-                return p;
-            }
-            let p = match quantized.remove(&name) {
-                Some(q) if q.shape == [p.dims()[1], p.dims()[0]] => p.with_nf4_base(q),
-                Some(q) => {
-                    let [inp, out] = p.dims();
-                    mismatched.push(format!(
-                        "{name}.weight: expected shape {:?}, found {:?}",
-                        [out, inp],
-                        q.shape
-                    ));
-                    p
-                }
-                None => p,
-            };
-            let [inp, _] = p.dims();
-            let bound = 1.0 / (inp as f64).sqrt();
-            let a = init.uniform(
-                &format!("{name}.lora_A.weight"),
-                [inp, spec.rank],
-                bound,
-                device,
-            );
-            p.with_lora(spec, a, device)
-        };
-        let model = match self {
-            Self::Qwen2(mut m) => {
-                let layers = std::mem::take(&mut m.model.layers);
-                m.model.layers = layers
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, mut l)| {
-                        let p = format!("model.layers.{i}");
-                        let a = l.self_attn;
-                        l.self_attn = qwen2::Attention {
-                            q_proj: attach(a.q_proj, format!("{p}.self_attn.q_proj")),
-                            k_proj: attach(a.k_proj, format!("{p}.self_attn.k_proj")),
-                            v_proj: attach(a.v_proj, format!("{p}.self_attn.v_proj")),
-                            o_proj: attach(a.o_proj, format!("{p}.self_attn.o_proj")),
-                            ..a
-                        };
-                        let f = l.mlp;
-                        l.mlp = qwen2::Mlp {
-                            gate_proj: attach(f.gate_proj, format!("{p}.mlp.gate_proj")),
-                            up_proj: attach(f.up_proj, format!("{p}.mlp.up_proj")),
-                            down_proj: attach(f.down_proj, format!("{p}.mlp.down_proj")),
-                        };
-                        l
-                    })
-                    .collect();
-                Self::Qwen2(m)
-            }
-            // Validation only allows adapters on qwen2; nothing to attach here.
-            other => other,
-        };
-        model.map(&mut Freeze::default())
     }
 
     /// The model a recipe trains: [`Model::from_recipe`], with the `[adapter]` attached.
@@ -405,21 +357,9 @@ impl<B: KilnBackend> Model<B> {
     }
 
     /// Sets the NEFTune noise scale (0: off); it only acts while gradients are tracked.
-    pub fn with_neftune(self, alpha: f64) -> Self {
-        match self {
-            Self::Qwen2(mut m) => {
-                m.neftune_alpha = alpha;
-                Self::Qwen2(m)
-            }
-            Self::Moa(mut m) => {
-                m.neftune_alpha = alpha;
-                Self::Moa(m)
-            }
-            Self::Convgpt(mut m) => {
-                m.neftune_alpha = alpha;
-                Self::Convgpt(m)
-            }
-        }
+    pub fn with_neftune(mut self, alpha: f64) -> Self {
+        self.family_mut().embedding_mut().neftune_alpha = alpha;
+        self
     }
 
     /// The model of a checkpoint: for an adapter run, the base (from `hf_dir` or the seed)
@@ -441,322 +381,68 @@ impl<B: KilnBackend> Model<B> {
     pub fn from_hf_dir(dir: &Path, device: &B::Device) -> Result<Self, ModelError> {
         let cfg = Qwen2Config::from_hf_dir(dir)?;
         let model = Self::Qwen2(cfg.init(&Init::new(0), device));
-        let tensors = hf::read_checkpoint(dir, |n, t| cfg.from_hf_tensor(n, t))?;
-        load_named(model, tensors, device)
-            .map_err(|e| ModelError::Load(format!("`{}`: {e}", dir.display())))
-    }
-
-    /// Writes the LoRA adapters as a PEFT adapter directory (`adapter_config.json` +
-    /// `adapter_model.safetensors`, keys `base_model.model.<module>.lora_A.weight` `[r, in]`
-    /// and `lora_B.weight` `[out, r]`) that `PeftModel.from_pretrained` loads onto `base`.
-    pub fn export_peft(
-        &self,
-        dir: &Path,
-        adapter: &AdapterSection,
-        base: &str,
-    ) -> Result<Vec<std::path::PathBuf>, ModelError> {
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| ModelError::Io { path, source }
-        };
-        let Self::Qwen2(m) = self else {
-            return Err(ModelError::Load(
-                "the model has no LoRA adapters to export (adapters apply to qwen2)".to_string(),
-            ));
-        };
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
-        let cfg = m.config();
-        let tensors: BTreeMap<String, NamedTensor> = named_params(self)
-            .into_iter()
-            .filter(|(n, _)| n.contains(".lora_"))
-            .map(|(n, t)| {
-                let (n, t) = cfg.to_hf_tensor(n, t);
-                (format!("base_model.model.{n}"), t)
-            })
-            .collect();
-        if tensors.is_empty() {
-            return Err(ModelError::Load(
-                "the model has no LoRA adapters to export".to_string(),
-            ));
-        }
-        let weights = dir.join("adapter_model.safetensors");
-        hf::write_tensors(&weights, &tensors)?;
-        let config = serde_json::json!({
-            "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": base,
-            "r": adapter.rank,
-            "lora_alpha": adapter.alpha,
-            "lora_dropout": adapter.dropout,
-            "target_modules": adapter.targets,
-            "use_rslora": adapter.rslora,
-            "bias": "none",
-            "fan_in_fan_out": false,
-            "inference_mode": true,
-            "init_lora_weights": true,
-            "modules_to_save": null,
-            "layers_to_transform": null,
-            "rank_pattern": {},
-            "alpha_pattern": {},
-        });
-        let path = dir.join("adapter_config.json");
-        std::fs::write(
-            &path,
-            serde_json::to_string_pretty(&config).expect("config serializes"),
-        )
-        .map_err(io(&path))?;
-        Ok(vec![weights, path])
-    }
-
-    /// The model with every adapter merged into its base, as a plain model.
-    pub fn merged(self, device: &B::Device) -> Self {
-        let mut m = match self {
-            Self::Qwen2(m) => m,
-            other => return other,
-        };
-        let layers = std::mem::take(&mut m.model.layers);
-        m.model.layers = layers
-            .into_iter()
-            .map(|mut l| {
-                let a = l.self_attn;
-                l.self_attn = qwen2::Attention {
-                    q_proj: a.q_proj.merged(device),
-                    k_proj: a.k_proj.merged(device),
-                    v_proj: a.v_proj.merged(device),
-                    o_proj: a.o_proj.merged(device),
-                    ..a
-                };
-                let f = l.mlp;
-                l.mlp = qwen2::Mlp {
-                    gate_proj: f.gate_proj.merged(device),
-                    up_proj: f.up_proj.merged(device),
-                    down_proj: f.down_proj.merged(device),
-                };
-                l
-            })
-            .collect();
-        Self::Qwen2(m)
-    }
-
-    /// Attaches a PEFT LoRA adapter directory (as [`Model::export_peft`] writes it) to this
-    /// model, e.g. one loaded with [`Model::from_hf_dir`].
-    pub fn load_peft_adapter(self, dir: &Path, device: &B::Device) -> Result<Self, ModelError> {
-        let path = dir.join("adapter_config.json");
-        let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        let cfg: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| ModelError::Config {
-                path: path.clone(),
-                message: e.to_string(),
-            })?;
-        let bad = |m: &str| ModelError::Config {
-            path: path.clone(),
-            message: m.to_string(),
-        };
-        let adapter = AdapterSection {
-            kind: AdapterKind::Lora,
-            rank: cfg["r"].as_u64().ok_or_else(|| bad("`r` missing"))? as usize,
-            alpha: cfg["lora_alpha"]
-                .as_f64()
-                .ok_or_else(|| bad("`lora_alpha` missing"))?,
-            dropout: 0.0,
-            targets: cfg["target_modules"]
-                .as_array()
-                .ok_or_else(|| bad("`target_modules` must be a list"))?
-                .iter()
-                .filter_map(|v| v.as_str().map(str::to_string))
-                .collect(),
-            rslora: cfg["use_rslora"].as_bool().unwrap_or(false),
-        };
-        let Self::Qwen2(m) = &self else {
-            return Err(ModelError::Load(
-                "PEFT adapters apply to qwen2 models".to_string(),
-            ));
-        };
-        let qcfg = m.config().clone();
-        let weights = dir.join("adapter_model.safetensors");
-        let tensors = hf::read_checkpoint_file(&weights, |name, t| {
-            let name = name
-                .strip_prefix("base_model.model.")
-                .unwrap_or(&name)
-                .replace(".default.", ".");
-            Some(
-                qcfg.from_hf_tensor(name, t)
-                    .expect("adapter tensors are never dropped"),
-            )
-        })?;
-        let model = self.with_adapter(&adapter, 0, device);
-        load_named_subset(model, tensors, device)
+        let tensors = hf::read_checkpoint(dir, |n, t| cfg.import_tensor(n, t))?;
+        load_checked(model, tensors, device, Require::All, Some(dir))
     }
 
     /// Writes the model as a Hugging Face directory that `transformers` loads: `config.json`
     /// plus safetensors (sharded past `max_shard_bytes`). Returns the files written.
-    pub fn export_hf(
-        &self,
-        dir: &Path,
-        max_shard_bytes: u64,
-    ) -> Result<Vec<std::path::PathBuf>, ModelError> {
-        match self {
-            Self::Qwen2(m) => {
-                let cfg = m.config();
-                if param_shapes(self).keys().any(|k| k.contains(".lora_")) {
-                    return Err(ModelError::Load(
-                        "the model has LoRA adapters: merge them first (`merged`) or export them in PEFT format".to_string(),
-                    ));
-                }
-                let tensors: BTreeMap<String, NamedTensor> = named_params(self)
-                    .into_iter()
-                    .map(|(n, t)| cfg.to_hf_tensor(n, t))
-                    .collect();
-                let mut files = hf::write_checkpoint(dir, &tensors, max_shard_bytes)?;
-                let path = dir.join("config.json");
-                let json =
-                    serde_json::to_string_pretty(&cfg.to_hf_json()).expect("config serializes");
-                std::fs::write(&path, json).map_err(|source| ModelError::Io {
-                    path: path.clone(),
-                    source,
-                })?;
-                files.push(path);
-                Ok(files)
-            }
-            Self::Moa(_) | Self::Convgpt(_) => Err(ModelError::Load(
-                "only qwen2 models have a Hugging Face format: a checkpoint's model.safetensors is the model"
-                    .to_string(),
-            )),
+    pub fn export_hf(&self, dir: &Path, max_shard_bytes: u64) -> Result<Vec<PathBuf>, ModelError> {
+        let family = self.family();
+        let format = family.hf_format().ok_or(ModelError::NoHfFormat {
+            family: family.name(),
+        })?;
+        if param_shapes(self).keys().any(|k| k.contains(".lora_")) {
+            return Err(ModelError::UnmergedAdapters);
         }
+        let tensors: BTreeMap<String, NamedTensor> = named_params(self)
+            .into_iter()
+            .map(|(n, t)| format.export_tensor(n, t))
+            .collect();
+        let mut files = hf::write_checkpoint(dir, &tensors, max_shard_bytes)?;
+        let path = dir.join("config.json");
+        let json = serde_json::to_string_pretty(&format.config_json()).expect("config serializes");
+        std::fs::write(&path, json).map_err(|source| ModelError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        files.push(path);
+        Ok(files)
     }
 
-    /// The frozen base under the adapters: how many weights it has and the bytes they hold
-    /// (NF4 codes and statistics for QLoRA, f32 for LoRA); `None` without adapters.
-    pub fn adapter_base(&self) -> Option<BaseFootprint> {
-        let projs: Vec<&lora::Proj<B>> = match self {
-            Self::Qwen2(m) => m
-                .model
-                .layers
-                .iter()
-                .flat_map(|l| {
-                    let (a, f) = (&l.self_attn, &l.mlp);
-                    [
-                        &a.q_proj,
-                        &a.k_proj,
-                        &a.v_proj,
-                        &a.o_proj,
-                        &f.gate_proj,
-                        &f.up_proj,
-                        &f.down_proj,
-                    ]
-                })
-                .filter(|p| p.lora_A.is_some())
-                .collect(),
-            Self::Moa(_) | Self::Convgpt(_) => Vec::new(),
-        };
-        (!projs.is_empty()).then(|| BaseFootprint {
-            weights: projs
-                .iter()
-                .map(|p| p.dims().iter().product::<usize>() as u64)
-                .sum(),
-            bytes: projs.iter().map(|p| p.base_bytes() as u64).sum(),
-            nf4: projs.iter().all(|p| p.nf4.is_some()),
-        })
-    }
-
-    /// Number of layers, for layer-by-layer passes ([`Model::layer`]).
+    /// Number of layers, for layer-by-layer passes ([`Model::layers`]).
     pub fn num_layers(&self) -> usize {
-        match self {
-            Self::Qwen2(m) => m.num_layers(),
-            Self::Moa(m) => m.blocks.len(),
-            Self::Convgpt(m) => m.layers.len(),
-        }
+        self.family().num_layers()
     }
 
-    /// What the layers of one forward pass share (positions, masks).
-    pub fn layer_context(&self, input_ids: &Tensor<B, 2, Int>) -> LayerContext<B> {
-        match self {
-            Self::Qwen2(m) => LayerContext::Qwen2(m.layer_context(input_ids, None)),
-            Self::Moa(m) => LayerContext::Moa(m.layer_context(input_ids)),
-            Self::Convgpt(m) => LayerContext::Convgpt(m.layer_context(input_ids)),
-        }
+    /// The layers of one forward pass over `input_ids` (without padding), bound to what
+    /// they share (positions, masks): call [`Layers::layer`] one layer at a time, or
+    /// [`Layers::forward`] for all.
+    pub fn layers(&self, input_ids: &Tensor<B, 2, Int>) -> Layers<'_, B> {
+        self.family().layers(input_ids)
     }
 
-    /// The input to the first layer.
+    /// The input to the first layer (with NEFTune noise while gradients are tracked).
     ///
     /// # Shapes
     /// - input_ids: `[batch, seq]` -> `[batch, seq, hidden]`
     pub fn embed(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        match self {
-            Self::Qwen2(m) => m.embed(input_ids),
-            Self::Moa(m) => m.embed(input_ids),
-            Self::Convgpt(m) => m.embed(input_ids),
-        }
-    }
-
-    /// Layer `i`: `[batch, seq, hidden]` -> `[batch, seq, hidden]`; its auxiliary losses
-    /// and statistics go to `aux`.
-    ///
-    /// # Panics
-    /// If `ctx` was made by another family's model.
-    pub fn layer(
-        &self,
-        i: usize,
-        x: Tensor<B, 3>,
-        ctx: &LayerContext<B>,
-        aux: &mut Aux<B>,
-    ) -> Tensor<B, 3> {
-        match (self, ctx) {
-            (Self::Qwen2(m), LayerContext::Qwen2(c)) => m.layer(i, x, c),
-            (Self::Moa(m), LayerContext::Moa(c)) => m.layer(i, x, c, aux),
-            (Self::Convgpt(m), LayerContext::Convgpt(c)) => m.layer(i, x, c),
-            _ => panic!("a layer context of another model family"),
-        }
+        self.family().embedding().forward(input_ids)
     }
 
     /// The routers of the model and the parameters of their paths (none for qwen2).
     pub fn routers(&self) -> Vec<RouterPaths> {
-        match self {
-            Self::Qwen2(_) | Self::Convgpt(_) => Vec::new(),
-            Self::Moa(m) => (0..m.blocks.len())
-                .flat_map(|l| {
-                    let paths = |part: &str, names: &[&str]| {
-                        names
-                            .iter()
-                            .map(|n| format!("blocks.{l}.{part}.{n}"))
-                            .collect()
-                    };
-                    [
-                        RouterPaths {
-                            stat: format!("blocks.{l}.moa.router"),
-                            paths: paths("moa", &moa::MOA_PATHS),
-                            top_k: m.config.top_k,
-                        },
-                        RouterPaths {
-                            stat: format!("blocks.{l}.ffn.router"),
-                            paths: paths("ffn", &moa::FFN_EXPERTS),
-                            top_k: m.config.top_k.min(moa::FFN_EXPERTS.len()),
-                        },
-                    ]
-                })
-                .collect(),
-        }
+        self.family().routers()
     }
 
     /// From the last layer's output to logits: `[batch, seq, hidden]` -> `[batch, seq, vocab]`.
     pub fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        match self {
-            Self::Qwen2(m) => m.logits(x),
-            Self::Moa(m) => m.logits(x),
-            Self::Convgpt(m) => m.logits(x),
-        }
+        self.family().head(x)
     }
 
     /// Whether the input embedding is trained (false under adapters).
     pub fn embedding_trains(&self) -> bool {
-        match self {
-            Self::Qwen2(m) => m.embedding_trains(),
-            Self::Moa(m) => m.embed_tokens.weight.is_require_grad(),
-            Self::Convgpt(m) => m.embed_tokens.weight.is_require_grad(),
-        }
+        self.family().embedding().trains()
     }
 
     /// The last layer's output (the head's input) and what the layers reported: the
@@ -765,13 +451,7 @@ impl<B: KilnBackend> Model<B> {
     /// # Shapes
     /// - input_ids: `[batch, seq]` -> `[batch, seq, hidden]`
     pub fn hidden(&self, input_ids: Tensor<B, 2, Int>) -> (Tensor<B, 3>, Aux<B>) {
-        let ctx = self.layer_context(&input_ids);
-        let mut aux = Aux::default();
-        let mut x = self.embed(input_ids);
-        for l in 0..self.num_layers() {
-            x = self.layer(l, x, &ctx, &mut aux);
-        }
-        (x, aux)
+        self.layers(&input_ids).forward(self.embed(input_ids))
     }
 
     /// Logits and auxiliary losses.
@@ -779,12 +459,18 @@ impl<B: KilnBackend> Model<B> {
     /// # Shapes
     /// - input_ids: `[batch, seq]`
     pub fn forward(&self, input_ids: Tensor<B, 2, Int>) -> ModelOutput<B> {
-        self.forward_masked(input_ids, None)
+        let (logits, aux) = family::run(self.family(), &self.layers(&input_ids), input_ids);
+        ModelOutput {
+            logits,
+            aux_losses: aux.losses,
+            stats: aux.stats,
+        }
     }
 
-    /// Logits and auxiliary losses, with padding keys masked out. (MoA has no padding mask:
-    /// it is causal, so right padding never reaches a real token, and kiln's batches carry
-    /// their padding on the right.)
+    /// Logits and auxiliary losses, with padding keys masked out. Qwen2 masks padding
+    /// anywhere; MoA and ConvGPT have no mask and take right padding only (it never reaches
+    /// a real token in a causal model, and kiln's batches pad on the right), refusing any
+    /// other with [`ModelError::Padding`].
     ///
     /// # Shapes
     /// - input_ids: `[batch, seq]`
@@ -793,37 +479,32 @@ impl<B: KilnBackend> Model<B> {
         &self,
         input_ids: Tensor<B, 2, Int>,
         padding: Option<Tensor<B, 2, Bool>>,
-    ) -> ModelOutput<B> {
-        match self {
-            Self::Qwen2(m) => ModelOutput {
-                logits: m.forward_masked(input_ids, padding),
-                aux_losses: Vec::new(),
-                stats: Vec::new(),
-            },
-            Self::Moa(m) => {
-                let (logits, aux) = m.forward(input_ids);
-                ModelOutput {
-                    logits,
-                    aux_losses: aux.losses,
-                    stats: aux.stats,
-                }
-            }
-            Self::Convgpt(m) => ModelOutput {
-                logits: m.forward(input_ids),
-                aux_losses: Vec::new(),
-                stats: Vec::new(),
-            },
-        }
+    ) -> Result<ModelOutput<B>, ModelError> {
+        let Some(padding) = padding else {
+            return Ok(self.forward(input_ids));
+        };
+        let family = self.family();
+        let layers = family.masked_layers(&input_ids, padding)?;
+        let (logits, aux) = family::run(family, &layers, input_ids);
+        Ok(ModelOutput {
+            logits,
+            aux_losses: aux.losses,
+            stats: aux.stats,
+        })
     }
 
     /// Vocabulary size of the output.
     pub fn vocab_size(&self) -> usize {
-        match self {
-            Self::Qwen2(m) => m.config.vocab_size,
-            Self::Moa(m) => m.config.vocab_size,
-            Self::Convgpt(m) => m.config.vocab_size,
-        }
+        self.family().config().vocab_size()
     }
+}
+
+/// The `hf_dir` a recipe's model loads its pretrained weights from, if any.
+fn pretrained_dir(recipe: &Recipe) -> Option<&Path> {
+    let section = recipe.model.qwen2.as_ref()?;
+    let dir = section.hf_dir.as_deref()?;
+    (recipe.model.family == ModelFamily::Qwen2 && section.init_kind() == InitKind::Pretrained)
+        .then_some(Path::new(dir))
 }
 
 /// Model facts that need no weights: sizes and FLOPs.
@@ -838,100 +519,73 @@ pub enum ModelSpec {
 }
 
 impl ModelSpec {
-    /// The `[in, out]` of every projection an adapter can target, by module name
-    /// (`q_proj`, ...), one entry per layer.
-    pub fn projections(&self) -> Vec<(&'static str, [usize; 2])> {
+    /// The spec of a recipe's model.
+    pub fn from_recipe(recipe: &Recipe) -> Result<Self, ModelError> {
+        let m = &recipe.model;
+        Ok(match m.family {
+            ModelFamily::Qwen2 => Self::Qwen2(Qwen2Config::resolve(
+                m.qwen2.as_ref().ok_or(ModelError::MissingConfig("qwen2"))?,
+            )?),
+            ModelFamily::Moa => Self::Moa(MoaConfig::from_section(
+                m.moa.as_ref().ok_or(ModelError::MissingConfig("moa"))?,
+            )),
+            ModelFamily::Convgpt => Self::Convgpt(ConvgptConfig::from_section(
+                m.convgpt
+                    .as_ref()
+                    .ok_or(ModelError::MissingConfig("convgpt"))?,
+            )),
+        })
+    }
+
+    /// The family's configuration: the one place that matches on it.
+    pub fn config(&self) -> &dyn FamilyConfig {
         match self {
-            Self::Qwen2(c) => {
-                let (h, i) = (c.hidden_size, c.intermediate_size);
-                let q = c.num_attention_heads * c.head_dim();
-                let kv = c.num_key_value_heads * c.head_dim();
-                let layer = [
-                    ("q_proj", [h, q]),
-                    ("k_proj", [h, kv]),
-                    ("v_proj", [h, kv]),
-                    ("o_proj", [q, h]),
-                    ("gate_proj", [h, i]),
-                    ("up_proj", [h, i]),
-                    ("down_proj", [i, h]),
-                ];
-                (0..c.num_hidden_layers).flat_map(|_| layer).collect()
-            }
-            Self::Moa(_) | Self::Convgpt(_) => Vec::new(),
+            Self::Qwen2(c) => c,
+            Self::Moa(c) => c,
+            Self::Convgpt(c) => c,
         }
     }
 
-    /// The spec of a recipe's model.
-    pub fn from_recipe(recipe: &Recipe) -> Result<Self, ModelError> {
-        match recipe.model.family {
-            ModelFamily::Qwen2 => Ok(Self::Qwen2(Qwen2Config::resolve(
-                recipe
-                    .model
-                    .qwen2
-                    .as_ref()
-                    .ok_or(ModelError::MissingConfig("qwen2"))?,
-            )?)),
-            ModelFamily::Moa => Ok(Self::Moa(MoaConfig::from_section(
-                recipe
-                    .model
-                    .moa
-                    .as_ref()
-                    .ok_or(ModelError::MissingConfig("moa"))?,
-            ))),
-            ModelFamily::Convgpt => Ok(Self::Convgpt(ConvgptConfig::from_section(
-                recipe
-                    .model
-                    .convgpt
-                    .as_ref()
-                    .ok_or(ModelError::MissingConfig("convgpt"))?,
-            ))),
+    /// The model with random weights drawn from `init` (lazily: a weight loaded before its
+    /// first use is never drawn).
+    pub fn init<B: KilnBackend>(&self, init: &Init, device: &B::Device) -> Model<B> {
+        match self {
+            Self::Qwen2(c) => Model::Qwen2(c.init(init, device)),
+            Self::Moa(c) => Model::Moa(c.init(init, device)),
+            Self::Convgpt(c) => Model::Convgpt(c.init(init, device)),
         }
+    }
+
+    /// The `[in, out]` of every projection an adapter can target, by module name
+    /// (`q_proj`, ...), one entry per layer.
+    pub fn projections(&self) -> Vec<(&'static str, [usize; 2])> {
+        self.config().projections()
     }
 
     /// Vocabulary size.
     pub fn vocab_size(&self) -> usize {
-        match self {
-            Self::Qwen2(c) => c.vocab_size,
-            Self::Moa(c) => c.vocab_size,
-            Self::Convgpt(c) => c.vocab_size,
-        }
+        self.config().vocab_size()
     }
 
     /// Number of parameters.
     pub fn num_params(&self) -> u64 {
-        match self {
-            Self::Qwen2(c) => c.num_params(),
-            Self::Moa(c) => c.num_params(),
-            Self::Convgpt(c) => c.num_params(),
-        }
+        self.config().num_params()
     }
 
     /// Rough activation bytes per token kept for backward (see the family's docs); with
     /// `checkpointed`, one layer's plus every layer's input.
     pub fn activation_bytes_per_token(&self, seq: usize, checkpointed: bool) -> u64 {
-        match self {
-            Self::Qwen2(c) => c.activation_bytes_per_token(seq, checkpointed),
-            Self::Moa(c) => c.activation_bytes_per_token(seq, checkpointed),
-            Self::Convgpt(c) => c.activation_bytes_per_token(seq, checkpointed),
-        }
+        self.config().activation_bytes_per_token(seq, checkpointed)
     }
 
     /// Parameters that enter matrix products per token.
     pub fn matmul_params(&self) -> u64 {
-        match self {
-            Self::Qwen2(c) => c.matmul_params(),
-            Self::Moa(c) => c.matmul_params(),
-            Self::Convgpt(c) => c.matmul_params(),
-        }
+        self.config().matmul_params()
     }
 
     /// Training (forward + backward) FLOPs per token at sequence length `seq`.
     pub fn flops_per_token(&self, seq: usize) -> f64 {
-        match self {
-            Self::Qwen2(c) => c.flops_per_token(seq),
-            Self::Moa(c) => c.flops_per_token(seq),
-            Self::Convgpt(c) => c.flops_per_token(seq),
-        }
+        self.config().flops_per_token(seq)
     }
 }
 
@@ -940,30 +594,6 @@ impl ModelSpec {
 /// nothing) don't.
 pub fn decays(name: &str, rank: usize) -> bool {
     rank >= 2 && !name.contains("norm") && !name.ends_with(".metric")
-}
-
-/// Freezes every parameter that is not part of a LoRA adapter.
-#[derive(Default)]
-struct Freeze {
-    path: PathStack,
-}
-
-impl<B: Backend> ModuleMapper<B> for Freeze {
-    fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.path.enter(name, container_type);
-    }
-
-    fn exit_module(&mut self, name: &str, container_type: &str) {
-        self.path.exit(name, container_type);
-    }
-
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        if self.path.path().contains(".lora_") {
-            param
-        } else {
-            param.set_require_grad(false)
-        }
-    }
 }
 
 /// The parameters that train (require gradients), by checkpoint name.
@@ -1077,7 +707,7 @@ struct Load<'a, B: Backend> {
     tensors: &'a mut BTreeMap<String, NamedTensor>,
     device: B::Device,
     missing: Vec<String>,
-    mismatched: Vec<String>,
+    mismatched: Vec<ShapeMismatch>,
 }
 
 impl<B: Backend> ModuleMapper<B> for Load<'_, B> {
@@ -1098,10 +728,11 @@ impl<B: Backend> ModuleMapper<B> for Load<'_, B> {
         // The shape without initializing a lazy parameter: a loaded weight is never drawn.
         let expected = param.lazy_shape().to_vec();
         if loaded.shape != expected {
-            self.mismatched.push(format!(
-                "{name}: expected shape {expected:?}, found {:?}",
-                loaded.shape
-            ));
+            self.mismatched.push(ShapeMismatch {
+                tensor: name,
+                expected,
+                found: loaded.shape,
+            });
             return param;
         }
         let id = param.id;
@@ -1118,7 +749,7 @@ pub fn load_named_subset<B: Backend, M: Module<B>>(
     tensors: BTreeMap<String, NamedTensor>,
     device: &B::Device,
 ) -> Result<M, ModelError> {
-    load_checked(module, tensors, device, Require::Named)
+    load_checked(module, tensors, device, Require::Named, None)
 }
 
 /// Replaces every float parameter by the tensor of the same name.
@@ -1130,7 +761,7 @@ pub fn load_named<B: Backend, M: Module<B>>(
     tensors: BTreeMap<String, NamedTensor>,
     device: &B::Device,
 ) -> Result<M, ModelError> {
-    load_checked(module, tensors, device, Require::All)
+    load_checked(module, tensors, device, Require::All, None)
 }
 
 /// Which parameters a load must cover.
@@ -1144,21 +775,14 @@ enum Require {
     Named,
 }
 
-/// Whether the module `name` (`model.layers.0.self_attn.q_proj`) is one of the adapter's
-/// targets.
-fn is_target(name: &str, adapter: &AdapterSection) -> bool {
-    name.starts_with("model.layers.")
-        && adapter
-            .targets
-            .iter()
-            .any(|t| name.rsplit('.').next() == Some(t.as_str()))
-}
-
+/// Loads `tensors` into `module` as `require` says; on failure the error lists every
+/// mismatched, missing and unused tensor, with `origin` (the directory or file read).
 fn load_checked<B: Backend, M: Module<B>>(
     module: M,
     mut tensors: BTreeMap<String, NamedTensor>,
     device: &B::Device,
     require: Require,
+    origin: Option<&Path>,
 ) -> Result<M, ModelError> {
     let mut load = Load::<B> {
         path: PathStack::default(),
@@ -1177,20 +801,12 @@ fn load_checked<B: Backend, M: Module<B>>(
             .collect(),
         Require::Named => Vec::new(),
     };
-    let mismatched = load.mismatched;
-    let unused: Vec<String> = tensors.into_keys().collect();
-    if missing.is_empty() && mismatched.is_empty() && unused.is_empty() {
-        return Ok(module);
+    WeightMismatch {
+        origin: origin.map(Path::to_path_buf),
+        shapes: load.mismatched,
+        missing,
+        unused: tensors.into_keys().collect(),
     }
-    let mut msg = String::from("weights do not match the model:");
-    for m in &mismatched {
-        msg.push_str(&format!("\n  shape mismatch: {m}"));
-    }
-    if !missing.is_empty() {
-        msg.push_str(&format!("\n  missing: {}", missing.join(", ")));
-    }
-    if !unused.is_empty() {
-        msg.push_str(&format!("\n  unused: {}", unused.join(", ")));
-    }
-    Err(ModelError::Load(msg))
+    .into_result()?;
+    Ok(module)
 }

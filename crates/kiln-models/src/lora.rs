@@ -97,15 +97,14 @@ impl<B: KilnBackend> Proj<B> {
 
     /// Replaces the base weight by an already quantized one (Hugging Face layout
     /// `[out, in]`); the f32 weight is dropped without ever being materialized.
-    pub fn with_nf4_base(mut self, q: Arc<Nf4Tensor>) -> Self {
+    pub fn set_nf4_base(&mut self, q: Arc<Nf4Tensor>) {
         self.weight = None;
         self.nf4 = Some(q);
-        self
     }
 
     /// Attaches a LoRA adapter (A from `a_init`, B zero) and freezes the base; with
     /// `spec.nf4` the base is quantized and its f32 weight dropped.
-    pub fn with_lora(mut self, spec: LoraSpec, a_init: Tensor<B, 2>, device: &B::Device) -> Self {
+    pub fn attach_lora(&mut self, spec: LoraSpec, a_init: Tensor<B, 2>, device: &B::Device) {
         let [inp, out] = self.dims();
         // Quantize in the Hugging Face [out, in] layout, as bitsandbytes does.
         if let Some(w) = self.weight.take_if(|_| spec.nf4) {
@@ -117,8 +116,8 @@ impl<B: KilnBackend> Proj<B> {
                 .expect("f32 weights");
             self.nf4 = Some(Arc::new(Nf4Tensor::quantize(&values, &[out, inp])));
         }
-        self.weight = self.weight.map(|p| p.set_require_grad(false));
-        self.bias = self.bias.map(|p| p.set_require_grad(false));
+        self.weight = self.weight.take().map(|p| p.set_require_grad(false));
+        self.bias = self.bias.take().map(|p| p.set_require_grad(false));
         self.lora_A = Some(Linear {
             weight: Param::from_tensor(a_init),
             bias: None,
@@ -129,7 +128,6 @@ impl<B: KilnBackend> Proj<B> {
         });
         self.lora_dropout = (spec.dropout > 0.0).then(|| DropoutConfig::new(spec.dropout).init());
         self.scale = spec.scale;
-        self
     }
 
     /// # Shapes
@@ -169,23 +167,20 @@ impl<B: KilnBackend> Proj<B> {
         y.reshape(out)
     }
 
-    /// The projection with its adapter merged into an f32 base (`W + A B * scale`, the base
-    /// dequantized first for NF4, which bakes its rounding into the merged weight).
-    pub fn merged(self, device: &B::Device) -> Self {
+    /// Merges the adapter into an f32 base (`W + A B * scale`, the base dequantized first
+    /// for NF4, which bakes its rounding into the merged weight); nothing without one.
+    pub fn merge(&mut self, device: &B::Device) {
         let (Some(a), Some(b)) = (&self.lora_A, &self.lora_B) else {
-            return self;
+            return;
         };
         let delta = a.weight.val().matmul(b.weight.val()).mul_scalar(self.scale); // [in, out]
         let w = (self.base_weight(device) + delta).detach();
-        Self {
-            weight: Some(Param::from_tensor(w)),
-            bias: self.bias,
-            lora_A: None,
-            lora_B: None,
-            lora_dropout: None,
-            nf4: None,
-            scale: 0.0,
-        }
+        self.weight = Some(Param::from_tensor(w));
+        self.lora_A = None;
+        self.lora_B = None;
+        self.lora_dropout = None;
+        self.nf4 = None;
+        self.scale = 0.0;
     }
 
     /// Bytes held by the frozen base weight (NF4 codes and statistics, or f32).

@@ -764,30 +764,31 @@ fn checkpointed_backward<B: KilnAutodiffBackend>(
     acc: &mut GradAccumulator<B::InnerBackend>,
 ) -> (f64, Vec<(String, Vec<f32>)>, Vec<(String, Vec<f32>)>) {
     let ids = input_tensor::<B>(batch, device);
-    let ctx = model.layer_context(&ids);
     let n = model.num_layers();
     let layer_seed = |l: usize| seed ^ (l as u64 + 1).wrapping_mul(0xd1b5_4a32_d192_ed03);
     // The forward pass runs on a copy whose parameters track no gradients: nothing is
     // recorded, so no layer's activations outlive it (on the autodiff backend all the same,
     // so dropout and NEFTune act exactly as in the recomputation).
     let untracked = model.clone().no_grad();
+    let forward_layers = untracked.layers(&ids);
     let mut forward_aux = Aux::default();
     B::seed(device, layer_seed(n));
     let mut inputs = vec![untracked.embed(ids.clone())];
     for l in 0..n {
         B::seed(device, layer_seed(l));
-        let y = untracked.layer(l, inputs[l].clone(), &ctx, &mut forward_aux);
+        let y = forward_layers.layer(l, inputs[l].clone(), &mut forward_aux);
         inputs.push(y);
     }
     let top = inputs.pop().expect("the last layer's output");
     let (mut value, mut upstream) =
         head_backward(model, top, batch, denom, head_chunk, device, acc);
+    let layers = model.layers(&ids);
     let mut aux_losses = Vec::new();
     for l in (0..n).rev() {
         B::seed(device, layer_seed(l));
         let x = inputs.pop().expect("layer input").require_grad();
         let mut aux = Aux::default();
-        let y = model.layer(l, x.clone(), &ctx, &mut aux);
+        let y = layers.layer(l, x.clone(), &mut aux);
         let objective = (y * Tensor::from_inner(upstream)).sum();
         let objective = with_aux(objective, aux.losses, accum, &mut aux_losses);
         let grads = objective.backward();

@@ -45,19 +45,27 @@
 //!   `seq^2 / chunk`, a small quadratic term. The selection is not differentiated (as in
 //!   MoBA); the attention over what it selects is.
 //! - Embedding tied to the head by default; RMSNorm before every branch.
+//! - *Padding*: no mask. Every branch reads only the current and earlier positions (the
+//!   convolutions' taps, the chunk summaries of complete earlier chunks, the causal own
+//!   chunk), so right padding never reaches a real token and needs none; masking left or
+//!   inner padding would need every branch to skip those positions (a zero tap, a shorter
+//!   chunk mean), which nothing in kiln produces (its batches pad on the right), so such a
+//!   mask is refused with an error rather than silently ignored
+//!   ([`Family::masked_context`]'s default).
 
 use burn::module::{Module, Param};
-use burn::nn::{Embedding, Linear};
+use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::TensorPrimitive;
 use burn::tensor::activation::sigmoid;
 
 use kiln_recipe::{ConvgptSection, RopeLayers};
 
-use crate::KilnBackend;
+use crate::family::{Family, FamilyConfig};
 use crate::init::Init;
+use crate::layers::{RmsNorm, Rope, SwiGlu, TokenEmbedding, lm_head};
 use crate::ops::{Dense, causal_depthwise};
-use crate::qwen2::{RmsNorm, Rope};
+use crate::{Aux, KilnBackend};
 
 pub mod hilbert;
 
@@ -157,64 +165,12 @@ impl ConvgptConfig {
         (base, base + 4 * d * d + d)
     }
 
-    /// Number of parameters.
-    pub fn num_params(&self) -> u64 {
-        let (d, v) = (self.hidden_size as u64, self.vocab_size as u64);
-        let (plain, memory) = self.layer_params();
-        let m = self.memory_layers() as u64;
-        let head = if self.tie_word_embeddings { 0 } else { v * d };
-        v * d + head + d + m * memory + (self.num_layers as u64 - m) * plain
-    }
-
-    /// Parameters that enter matrix products per token.
-    pub fn matmul_params(&self) -> u64 {
-        let (d, i) = (self.hidden_size as u64, self.intermediate_size as u64);
-        let k2 = self.conv2d_kernel as u64;
-        let plain = k2 * k2 * d * d + 2 * d * d + d * d + 3 * d * i;
-        let m = self.memory_layers() as u64;
-        plain * self.num_layers as u64 + m * 4 * d * d + self.vocab_size as u64 * d
-    }
-
     /// Keys a token's memory query reads at sequence length `seq`: its retrieved chunks'
     /// tokens and its own chunk's, plus the summaries it scores.
     pub fn memory_reads_per_token(&self, seq: usize) -> (usize, usize) {
         let chunks = seq.div_ceil(self.memory_chunk.max(1));
         let k = self.memory_top_k.min(chunks.saturating_sub(1));
         ((k + 1) * self.memory_chunk, chunks)
-    }
-
-    /// Training FLOPs per token at sequence length `seq` (forward + backward):
-    /// `6 * matmul_params` plus, per memory layer, `12 * hidden` per key read (scores and
-    /// values) and `6 * hidden` per summary scored.
-    pub fn flops_per_token(&self, seq: usize) -> f64 {
-        let (keys, summaries) = self.memory_reads_per_token(seq);
-        let d = self.hidden_size as f64;
-        let memory =
-            self.memory_layers() as f64 * (12.0 * d * keys as f64 + 6.0 * d * summaries as f64);
-        6.0 * self.matmul_params() as f64 + memory
-    }
-
-    /// Rough bytes of activations kept for the backward pass per token (f32): the gathered
-    /// 2D taps, the branches and MLP intermediates of every layer, the gathered memory keys
-    /// and values of memory layers, and the logits with their gradient.
-    pub fn activation_bytes_per_token(&self, seq: usize, checkpointed: bool) -> u64 {
-        let (d, i) = (self.hidden_size as u64, self.intermediate_size as u64);
-        let k2 = (self.conv2d_kernel * self.conv2d_kernel) as u64;
-        let (keys, _) = self.memory_reads_per_token(seq);
-        let per_layer = k2 * d + 12 * d + 5 * i;
-        let memory = 2 * keys as u64 * d + 8 * d;
-        let layers = self.num_layers as u64;
-        let m = self.memory_layers() as u64;
-        // Checkpointed: one layer's activations (a memory layer's, if any) and every layer's
-        // input. No attention scores outlive a step (the memory reads are gathered).
-        crate::activation_bytes(
-            per_layer + if m > 0 { memory } else { 0 },
-            per_layer * layers + memory * m,
-            d * layers,
-            self.vocab_size,
-            0,
-            checkpointed,
-        )
     }
 
     /// Builds the model with random weights drawn from `init`.
@@ -234,21 +190,13 @@ impl ConvgptConfig {
                     fuse: lin(format!("{p}.fuse"), 2 * d, d, true),
                     out_proj: lin(format!("{p}.out_proj"), d, d, false),
                     norm2: RmsNorm::new(d, self.rms_norm_eps, device),
-                    mlp: ConvMlp {
-                        gate_proj: lin(
-                            format!("{p}.mlp.gate_proj"),
-                            d,
-                            self.intermediate_size,
-                            false,
-                        ),
-                        up_proj: lin(format!("{p}.mlp.up_proj"), d, self.intermediate_size, false),
-                        down_proj: lin(
-                            format!("{p}.mlp.down_proj"),
-                            self.intermediate_size,
-                            d,
-                            false,
-                        ),
-                    },
+                    mlp: SwiGlu::new(
+                        init,
+                        &format!("{p}.mlp"),
+                        [d, self.intermediate_size],
+                        std,
+                        device,
+                    ),
                     memory: self.memory_of(i).map(|rope| ChunkMemory {
                         norm: RmsNorm::new(d, self.rms_norm_eps, device),
                         q_proj: lin(format!("{p}.memory.q_proj"), d, d, false),
@@ -265,28 +213,78 @@ impl ConvgptConfig {
             })
             .collect();
         ConvgptModel {
-            embed_tokens: Embedding {
-                weight: init.normal("embed_tokens.weight", [self.vocab_size, d], std, device),
-            },
+            embed_tokens: TokenEmbedding::new(
+                init,
+                "embed_tokens.weight",
+                [self.vocab_size, d],
+                std,
+                device,
+            ),
             layers,
             norm: RmsNorm::new(d, self.rms_norm_eps, device),
             lm_head: (!self.tie_word_embeddings)
                 .then(|| lin("lm_head".to_string(), d, self.vocab_size, false)),
             config: self.clone(),
-            neftune_alpha: 0.0,
         }
     }
 }
 
-/// SwiGLU MLP.
-#[derive(Module, Debug)]
-pub struct ConvMlp<B: KilnBackend> {
-    /// `[hidden, intermediate]`.
-    pub gate_proj: Linear<B>,
-    /// `[hidden, intermediate]`.
-    pub up_proj: Linear<B>,
-    /// `[intermediate, hidden]`.
-    pub down_proj: Linear<B>,
+impl FamilyConfig for ConvgptConfig {
+    fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    /// Number of parameters.
+    fn num_params(&self) -> u64 {
+        let (d, v) = (self.hidden_size as u64, self.vocab_size as u64);
+        let (plain, memory) = self.layer_params();
+        let m = self.memory_layers() as u64;
+        let head = if self.tie_word_embeddings { 0 } else { v * d };
+        v * d + head + d + m * memory + (self.num_layers as u64 - m) * plain
+    }
+
+    /// Parameters that enter matrix products per token.
+    fn matmul_params(&self) -> u64 {
+        let (d, i) = (self.hidden_size as u64, self.intermediate_size as u64);
+        let k2 = self.conv2d_kernel as u64;
+        let plain = k2 * k2 * d * d + 2 * d * d + d * d + 3 * d * i;
+        let m = self.memory_layers() as u64;
+        plain * self.num_layers as u64 + m * 4 * d * d + self.vocab_size as u64 * d
+    }
+
+    /// Training FLOPs per token at sequence length `seq` (forward + backward):
+    /// `6 * matmul_params` plus, per memory layer, `12 * hidden` per key read (scores and
+    /// values) and `6 * hidden` per summary scored.
+    fn flops_per_token(&self, seq: usize) -> f64 {
+        let (keys, summaries) = self.memory_reads_per_token(seq);
+        let d = self.hidden_size as f64;
+        let memory =
+            self.memory_layers() as f64 * (12.0 * d * keys as f64 + 6.0 * d * summaries as f64);
+        6.0 * self.matmul_params() as f64 + memory
+    }
+
+    /// Rough bytes of activations kept for the backward pass per token (f32): the gathered
+    /// 2D taps, the branches and MLP intermediates of every layer, the gathered memory keys
+    /// and values of memory layers, and the logits with their gradient.
+    fn activation_bytes_per_token(&self, seq: usize, checkpointed: bool) -> u64 {
+        let (d, i) = (self.hidden_size as u64, self.intermediate_size as u64);
+        let k2 = (self.conv2d_kernel * self.conv2d_kernel) as u64;
+        let (keys, _) = self.memory_reads_per_token(seq);
+        let per_layer = k2 * d + 12 * d + 5 * i;
+        let memory = 2 * keys as u64 * d + 8 * d;
+        let layers = self.num_layers as u64;
+        let m = self.memory_layers() as u64;
+        // Checkpointed: one layer's activations (a memory layer's, if any) and every layer's
+        // input. No attention scores outlive a step (the memory reads are gathered).
+        crate::activation_bytes(
+            per_layer + if m > 0 { memory } else { 0 },
+            per_layer * layers + memory * m,
+            d * layers,
+            self.vocab_size,
+            0,
+            checkpointed,
+        )
+    }
 }
 
 /// Chunk-token memory retrieval.
@@ -396,7 +394,7 @@ pub struct ConvLayer<B: KilnBackend> {
     /// Norm before the MLP.
     pub norm2: RmsNorm<B>,
     /// The MLP.
-    pub mlp: ConvMlp<B>,
+    pub mlp: SwiGlu<B>,
     /// Chunk memory (memory layers only).
     pub memory: Option<ChunkMemory<B>>,
     /// The first layer's 2D convolution excludes the centre tap.
@@ -463,12 +461,8 @@ impl<B: KilnBackend> ConvLayer<B> {
         );
         let fused = g.clone() * h1 + (g.neg().add_scalar(1.0)) * h2;
         let x = x + self.out_proj.dense(fused);
-        let m = &self.mlp;
         let h = self.norm2.forward(x.clone());
-        let x = x + m.down_proj.dense(crate::ops::swiglu(
-            m.gate_proj.dense(h.clone()),
-            m.up_proj.dense(h),
-        ));
+        let x = x + self.mlp.forward(h);
         match &self.memory {
             Some(mem) => {
                 let h = mem.norm.forward(x.clone());
@@ -483,7 +477,7 @@ impl<B: KilnBackend> ConvLayer<B> {
 #[derive(Module, Debug)]
 pub struct ConvgptModel<B: KilnBackend> {
     /// Token embedding `[vocab, hidden]`.
-    pub embed_tokens: Embedding<B>,
+    pub embed_tokens: TokenEmbedding<B>,
     /// The layers.
     pub layers: Vec<ConvLayer<B>>,
     /// Final norm.
@@ -493,17 +487,17 @@ pub struct ConvgptModel<B: KilnBackend> {
     /// The configuration it was built from.
     #[module(skip)]
     pub config: ConvgptConfig,
-    /// NEFTune noise scale (training only).
-    #[module(skip)]
-    pub neftune_alpha: f64,
 }
 
-impl<B: KilnBackend> ConvgptModel<B> {
-    /// The grid taps and rotary tables of a forward pass over `input_ids`.
-    ///
-    /// # Shapes
-    /// - input_ids: `[batch, seq]`
-    pub fn layer_context(&self, input_ids: &Tensor<B, 2, Int>) -> ConvgptContext<B> {
+impl<B: KilnBackend> Family<B> for ConvgptModel<B> {
+    const NAME: &'static str = "convgpt";
+    type Config = ConvgptConfig;
+    type Context = ConvgptContext<B>;
+
+    crate::family::config_and_embedding!(embed_tokens);
+
+    /// The grid taps and the memory heads' rotary tables.
+    fn context(&self, input_ids: &Tensor<B, 2, Int>) -> ConvgptContext<B> {
         let c = &self.config;
         let t = input_ids.dims()[1];
         let device = input_ids.device();
@@ -519,52 +513,22 @@ impl<B: KilnBackend> ConvgptModel<B> {
         }
     }
 
-    /// Input embeddings (with NEFTune noise while training).
-    ///
-    /// # Shapes
-    /// - input_ids: `[batch, seq]` -> `[batch, seq, hidden]`
-    pub fn embed(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        crate::neftune(self.embed_tokens.forward(input_ids), self.neftune_alpha)
+    fn num_layers(&self) -> usize {
+        self.layers.len()
     }
 
-    /// Layer `i`.
-    ///
-    /// # Shapes
-    /// - x: `[batch, seq, hidden]` -> `[batch, seq, hidden]`
-    pub fn layer(&self, i: usize, x: Tensor<B, 3>, ctx: &ConvgptContext<B>) -> Tensor<B, 3> {
+    fn layer(
+        &self,
+        i: usize,
+        x: Tensor<B, 3>,
+        ctx: &ConvgptContext<B>,
+        _aux: &mut Aux<B>,
+    ) -> Tensor<B, 3> {
         self.layers[i].forward(x, ctx)
     }
 
-    /// Logits.
-    ///
-    /// # Shapes
-    /// - x: `[batch, seq, hidden]` -> `[batch, seq, vocab]`
-    pub fn logits(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let x = self.norm.forward(x);
-        match &self.lm_head {
-            Some(head) => head.dense(x),
-            None => {
-                let [b, t, d] = x.dims();
-                let w = self.embed_tokens.weight.val();
-                let v = w.dims()[0];
-                x.reshape([b * t, d])
-                    .matmul(w.transpose())
-                    .reshape([b, t, v])
-            }
-        }
-    }
-
-    /// Logits for every position.
-    ///
-    /// # Shapes
-    /// - input_ids: `[batch, seq]` -> `[batch, seq, vocab]`
-    pub fn forward(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        let ctx = self.layer_context(&input_ids);
-        let mut x = self.embed(input_ids);
-        for i in 0..self.layers.len() {
-            x = self.layer(i, x, &ctx);
-        }
-        self.logits(x)
+    fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        lm_head(x, &self.norm, &self.embed_tokens, self.lm_head.as_ref())
     }
 }
 
@@ -573,6 +537,7 @@ mod tests {
     use burn::backend::Flex;
 
     use super::*;
+    use crate::family::forward;
     use crate::named_params;
 
     type B = Flex;
@@ -622,9 +587,13 @@ mod tests {
                     let (x, y) = (x.narrow(1, 0, t).into_data(), y.narrow(1, 0, t).into_data());
                     assert_eq!(x, y, "{name}, length {len}: outputs before {t} changed");
                 };
-                check("model", model.forward(a.clone()), model.forward(b.clone()));
-                let ctx = model.layer_context(&a);
-                let (ea, eb) = (model.embed(a), model.embed(b));
+                check(
+                    "model",
+                    forward(&model, a.clone()).0,
+                    forward(&model, b.clone()).0,
+                );
+                let ctx = model.context(&a);
+                let (ea, eb) = (ea_at(&model, &base), ea_at(&model, &changed));
                 for (i, l) in model.layers.iter().enumerate() {
                     check(
                         &format!("conv1d {i}"),
@@ -662,6 +631,39 @@ mod tests {
         }
     }
 
+    /// ConvGPT has no padding mask: right padding (which never reaches a real token) gives
+    /// the unmasked logits, and padding before a token is refused, not ignored.
+    #[test]
+    fn right_padding_is_taken_and_other_padding_refused() {
+        let device = Default::default();
+        let model = crate::Model::Convgpt(tiny().init::<B>(&Init::new(2), &device));
+        let tokens: Vec<i64> = (0..16).map(|i| (i * 3 % 40) as i64).collect();
+        let mask = |padded: std::ops::Range<usize>| {
+            let m: Vec<bool> = (0..16).map(|i| padded.contains(&i)).collect();
+            Tensor::<B, 2, Bool>::from_data(TensorData::new(m, [1, 16]), &device)
+        };
+        let plain = model.forward(ids(&tokens)).logits.into_data();
+        let right = model
+            .forward_masked(ids(&tokens), Some(mask(12..16)))
+            .expect("right padding is taken")
+            .logits
+            .into_data();
+        assert_eq!(plain, right);
+        let err = model
+            .forward_masked(ids(&tokens), Some(mask(0..3)))
+            .expect_err("left padding is refused");
+        assert!(
+            matches!(
+                err,
+                crate::ModelError::Padding {
+                    family: "convgpt",
+                    row: 0
+                }
+            ),
+            "{err}"
+        );
+    }
+
     /// The 2D branch equals its definition written as loops: for every position, the sum
     /// over the window's used taps of the tapped input times the tap's `[hidden, hidden]`
     /// block of the kernel (with and without the centre, at a length that leaves the grid's
@@ -677,7 +679,7 @@ mod tests {
             burn::tensor::Distribution::Normal(0.0, 1.0),
             &device,
         );
-        let ctx = model.layer_context(&ids(&[0; 23]));
+        let ctx = model.context(&ids(&[0; 23]));
         let xs = x.to_data().to_vec::<f32>().expect("f32");
         for (layer, centre) in [(0usize, false), (1, true)] {
             let l = &model.layers[layer];
@@ -713,7 +715,7 @@ mod tests {
     }
 
     fn ea_at(model: &ConvgptModel<B>, tokens: &[i64]) -> Tensor<B, 3> {
-        model.embed(ids(tokens))
+        model.embedding().forward(ids(tokens))
     }
 
     /// Doubling the sequence at a fixed chunk size and top-k doubles the keys the memory

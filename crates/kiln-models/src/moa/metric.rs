@@ -43,7 +43,8 @@ use burn::tensor::activation::{relu, softplus};
 
 use crate::KilnBackend;
 use crate::init::Init;
-use crate::ops::{Dense, scale_heads, scale_positions};
+use crate::layers::rope::{AngleRounding, angles, rotate_half};
+use crate::ops::{Dense, scale_heads};
 
 /// BlackHoleRoPE's learned Fourier perturbation of the rotary angles.
 #[derive(Module, Debug)]
@@ -67,26 +68,6 @@ impl<B: KilnBackend> BlackHoleRope<B> {
     }
 }
 
-/// Rotates `x` by the tables (rotate-half pairing: dimension `i` with `i + head_dim / 2`).
-///
-/// # Shapes
-/// - x: `[batch, seq, heads, head_dim]`; cos, sin: `[seq, head_dim / 2]`
-fn rotate<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 4> {
-    let e = x.dims()[3];
-    let half = e / 2;
-    // [x1, x2] -> [x1 c - x2 s, x2 c + x1 s] = [x1, x2] * [c, c] + [x2, x1] * [-s, s].
-    let swapped = Tensor::cat(
-        vec![
-            x.clone().narrow(3, half, half),
-            x.clone().narrow(3, 0, half),
-        ],
-        3,
-    );
-    let c = Tensor::cat(vec![cos.clone(), cos.clone()], 1); // [t, e]
-    let s = Tensor::cat(vec![sin.clone().neg(), sin.clone()], 1); // [t, e]
-    scale_positions(x, c) + scale_positions(swapped, s)
-}
-
 /// What every metric attention of a forward pass shares.
 #[derive(Debug, Clone)]
 pub struct MetricTables<B: Backend> {
@@ -107,13 +88,7 @@ impl<B: KilnBackend> MetricTables<B> {
         device: &B::Device,
     ) -> Self {
         let half = head_dim / 2;
-        let mut base = Vec::with_capacity(seq * half);
-        for t in 0..seq {
-            for i in 0..half {
-                let inv = theta.powf(-(2.0 * i as f64) / head_dim as f64);
-                base.push((t as f64 * inv) as f32);
-            }
-        }
+        let base = angles(0..seq, head_dim, theta, AngleRounding::F64Product);
         let mut basis = Vec::with_capacity(seq * 2 * fourier);
         for t in 0..seq {
             let w = 2.0 * std::f64::consts::PI * t as f64 / period.max(1) as f64;
@@ -314,8 +289,8 @@ impl<B: KilnBackend> MetricAttention<B> {
                 tables.base_angles.clone().sin(),
             ),
         };
-        let q = rotate(q, &cos, &sin);
-        let k = rotate(k, &cos, &sin);
+        let q = rotate_half(q, &cos, &sin);
+        let k = rotate_half(k, &cos, &sin);
         let (k, v) = if kvh == h {
             (k, v)
         } else {

@@ -43,17 +43,18 @@
 //! training with a developmental curriculum).
 
 use burn::module::{Module, Param};
-use burn::nn::{Embedding, Linear};
+use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::IndexingUpdateOp;
 use burn::tensor::activation::{sigmoid, silu, softmax};
 
 use kiln_recipe::MoaSection;
 
+use crate::family::{Family, FamilyConfig};
 use crate::init::Init;
+use crate::layers::{RmsNorm, SwiGlu, TokenEmbedding, lm_head};
 use crate::ops::{Dense, causal_depthwise};
-use crate::qwen2::RmsNorm;
-use crate::{Aux, KilnBackend};
+use crate::{Aux, KilnBackend, RouterPaths};
 
 pub mod metric;
 
@@ -204,11 +205,6 @@ impl MoaConfig {
         ]
     }
 
-    /// Number of parameters.
-    pub fn num_params(&self) -> u64 {
-        self.components().iter().map(|c| c.params).sum()
-    }
-
     /// Parameters a token uses (the embedding row and head, norms, routers, and its
     /// `top_k` paths and experts): the least and the most over routing choices.
     pub fn active_params(&self) -> (u64, u64) {
@@ -230,59 +226,6 @@ impl MoaConfig {
         };
         let l = self.num_layers as u64;
         (shared + l * per_layer(false), shared + l * per_layer(true))
-    }
-
-    /// Parameters that enter matrix products per token; every path and expert is computed
-    /// (see the module docs), so all of them count.
-    pub fn matmul_params(&self) -> u64 {
-        let (d, e) = (self.hidden_size as u64, self.head_dim() as u64);
-        let (i, r) = (self.intermediate_size as u64, self.ffn_rank as u64);
-        let attn = |kv: u64| 2 * d * d + 2 * d * kv * e + d * kv;
-        let per_layer = d * d
-            + attn(self.num_heads as u64)
-            + 3 * d * d
-            + attn(1)
-            + 4 * d
-            + 3 * d * i
-            + d * d
-            + 3 * d * r
-            + 3 * d;
-        per_layer * self.num_layers as u64 + self.vocab_size as u64 * d
-    }
-
-    /// Training FLOPs per token at sequence length `seq`: `6 * matmul_params` plus, for each
-    /// of the two metric attentions of a layer, `12 * heads * (head_dim + 1) * seq`.
-    pub fn flops_per_token(&self, seq: usize) -> f64 {
-        let attn = 2.0
-            * 12.0
-            * self.num_layers as f64
-            * (self.num_heads * (self.head_dim() + 1)) as f64
-            * seq as f64;
-        6.0 * self.matmul_params() as f64 + attn
-    }
-
-    /// Rough bytes of activations kept for the backward pass per token (f32): inputs of the
-    /// matrix products and the gated intermediates of every path and expert, and the logits
-    /// with their gradient. With checkpointing, one layer's plus every layer's input.
-    pub fn activation_bytes_per_token(&self, seq: usize, checkpointed: bool) -> u64 {
-        let (d, i, r) = (
-            self.hidden_size as u64,
-            self.intermediate_size as u64,
-            self.ffn_rank as u64,
-        );
-        let heads = self.num_heads as u64;
-        let block = crate::backend::ATTENTION_BLOCK.min(seq) as u64;
-        let per_layer = 40 * d + 5 * i + 4 * r;
-        let transient = 3 * heads * block;
-        let layers = self.num_layers as u64;
-        crate::activation_bytes(
-            per_layer,
-            per_layer * layers,
-            d * layers,
-            self.vocab_size,
-            transient,
-            checkpointed,
-        )
     }
 
     /// Builds the model with random weights drawn from `init`.
@@ -329,19 +272,13 @@ impl MoaConfig {
                     norm2: RmsNorm::new(d, self.rms_norm_eps, device),
                     ffn: HyperFfn {
                         router: lin(format!("{f}.router"), d, FFN_EXPERTS.len()),
-                        swiglu: SwiGlu {
-                            gate_proj: lin(
-                                format!("{f}.swiglu.gate_proj"),
-                                d,
-                                self.intermediate_size,
-                            ),
-                            up_proj: lin(format!("{f}.swiglu.up_proj"), d, self.intermediate_size),
-                            down_proj: lin(
-                                format!("{f}.swiglu.down_proj"),
-                                self.intermediate_size,
-                                d,
-                            ),
-                        },
+                        swiglu: SwiGlu::new(
+                            init,
+                            &format!("{f}.swiglu"),
+                            [d, self.intermediate_size],
+                            std,
+                            device,
+                        ),
                         conv: conv(format!("{f}.conv")),
                         lowrank: LowRank {
                             a: lin(format!("{f}.lowrank.a"), d, self.ffn_rank),
@@ -362,14 +299,76 @@ impl MoaConfig {
             })
             .collect();
         MoaModel {
-            embed_tokens: Embedding {
-                weight: init.normal("embed_tokens.weight", [self.vocab_size, d], std, device),
-            },
+            embed_tokens: TokenEmbedding::new(
+                init,
+                "embed_tokens.weight",
+                [self.vocab_size, d],
+                std,
+                device,
+            ),
             blocks,
             norm: RmsNorm::new(d, self.rms_norm_eps, device),
             config: self.clone(),
-            neftune_alpha: 0.0,
         }
+    }
+}
+
+impl FamilyConfig for MoaConfig {
+    fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    /// Number of parameters.
+    fn num_params(&self) -> u64 {
+        self.components().iter().map(|c| c.params).sum()
+    }
+
+    /// Parameters that enter matrix products per token; every path and expert is computed
+    /// (see the module docs), so all of them count.
+    fn matmul_params(&self) -> u64 {
+        let (d, e) = (self.hidden_size as u64, self.head_dim() as u64);
+        let (i, r) = (self.intermediate_size as u64, self.ffn_rank as u64);
+        let attn = |kv: u64| 2 * d * d + 2 * d * kv * e + d * kv;
+        let per_layer = d * d
+            + attn(self.num_heads as u64)
+            + 3 * d * d
+            + attn(1)
+            + 4 * d
+            + 3 * d * i
+            + d * d
+            + 3 * d * r
+            + 3 * d;
+        per_layer * self.num_layers as u64 + self.vocab_size as u64 * d
+    }
+
+    /// Training FLOPs per token at sequence length `seq`: `6 * matmul_params` plus, for each
+    /// of the two metric attentions of a layer, `12 * heads * (head_dim + 1) * seq`.
+    fn flops_per_token(&self, seq: usize) -> f64 {
+        let attn = 2.0
+            * 12.0
+            * self.num_layers as f64
+            * (self.num_heads * (self.head_dim() + 1)) as f64
+            * seq as f64;
+        6.0 * self.matmul_params() as f64 + attn
+    }
+
+    /// Rough bytes of activations kept for the backward pass per token (f32): inputs of the
+    /// matrix products and the gated intermediates of every path and expert, and the logits
+    /// with their gradient. With checkpointing, one layer's plus every layer's input.
+    fn activation_bytes_per_token(&self, seq: usize, checkpointed: bool) -> u64 {
+        let (d, i, r) = (
+            self.hidden_size as u64,
+            self.intermediate_size as u64,
+            self.ffn_rank as u64,
+        );
+        let per_layer = 40 * d + 5 * i + 4 * r;
+        crate::attention_activation_bytes(
+            [per_layer, self.num_layers as u64, d],
+            self.num_heads,
+            seq,
+            self.vocab_size,
+            checkpointed,
+        )
     }
 }
 
@@ -410,17 +409,6 @@ impl<B: KilnBackend> ChannelMix<B> {
         let g = sigmoid(self.gate.dense(x.clone()));
         self.out.dense(g * self.value.dense(x))
     }
-}
-
-/// SwiGLU expert.
-#[derive(Module, Debug)]
-pub struct SwiGlu<B: KilnBackend> {
-    /// `[hidden, intermediate]`.
-    pub gate_proj: Linear<B>,
-    /// `[hidden, intermediate]`.
-    pub up_proj: Linear<B>,
-    /// `[intermediate, hidden]`.
-    pub down_proj: Linear<B>,
 }
 
 /// Gated low-rank bottleneck expert: `b(silu(x a) * sigmoid(x g))`.
@@ -584,11 +572,7 @@ impl<B: KilnBackend> MoaBlock<B> {
         let f = &self.ffn;
         let h = self.norm2.forward(x.clone());
         let ffn_routing = route(f.router.dense(h.clone()), self.top_k.min(3));
-        let s = &f.swiglu;
-        let swiglu = s.down_proj.dense(crate::ops::swiglu(
-            s.gate_proj.dense(h.clone()),
-            s.up_proj.dense(h.clone()),
-        ));
+        let swiglu = f.swiglu.forward(h.clone());
         let lr = &f.lowrank;
         let lowrank =
             lr.b.dense(silu(lr.a.dense(h.clone())) * sigmoid(lr.g.dense(h.clone())));
@@ -634,7 +618,7 @@ pub struct MoaContext<B: Backend> {
 #[derive(Module, Debug)]
 pub struct MoaModel<B: KilnBackend> {
     /// Token embedding `[vocab, hidden]`, also the output head.
-    pub embed_tokens: Embedding<B>,
+    pub embed_tokens: TokenEmbedding<B>,
     /// The blocks.
     pub blocks: Vec<MoaBlock<B>>,
     /// Final norm.
@@ -642,17 +626,19 @@ pub struct MoaModel<B: KilnBackend> {
     /// The configuration it was built from.
     #[module(skip)]
     pub config: MoaConfig,
-    /// NEFTune noise scale (training only).
-    #[module(skip)]
-    pub neftune_alpha: f64,
 }
 
-impl<B: KilnBackend> MoaModel<B> {
-    /// What every block of a forward pass over `input_ids` shares.
-    ///
-    /// # Shapes
-    /// - input_ids: `[batch, seq]`
-    pub fn layer_context(&self, input_ids: &Tensor<B, 2, Int>) -> MoaContext<B> {
+/// MoA has no padding mask of its own: [`Family::masked_context`]'s default takes right
+/// padding (which a causal model never lets reach a real token) and refuses any other.
+impl<B: KilnBackend> Family<B> for MoaModel<B> {
+    const NAME: &'static str = "moa";
+    type Config = MoaConfig;
+    type Context = MoaContext<B>;
+
+    crate::family::config_and_embedding!(embed_tokens);
+
+    /// The causal bias and rotary tables of every block.
+    fn context(&self, input_ids: &Tensor<B, 2, Int>) -> MoaContext<B> {
         let c = &self.config;
         MoaContext {
             tables: MetricTables::new(
@@ -666,19 +652,11 @@ impl<B: KilnBackend> MoaModel<B> {
         }
     }
 
-    /// Input embeddings (with NEFTune noise while training).
-    ///
-    /// # Shapes
-    /// - input_ids: `[batch, seq]` -> `[batch, seq, hidden]`
-    pub fn embed(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        crate::neftune(self.embed_tokens.forward(input_ids), self.neftune_alpha)
+    fn num_layers(&self) -> usize {
+        self.blocks.len()
     }
 
-    /// Block `i`.
-    ///
-    /// # Shapes
-    /// - x: `[batch, seq, hidden]` -> `[batch, seq, hidden]`
-    pub fn layer(
+    fn layer(
         &self,
         i: usize,
         x: Tensor<B, 3>,
@@ -688,30 +666,36 @@ impl<B: KilnBackend> MoaModel<B> {
         self.blocks[i].forward(i, x, &ctx.tables, aux)
     }
 
-    /// Logits through the tied head.
-    ///
-    /// # Shapes
-    /// - x: `[batch, seq, hidden]` -> `[batch, seq, vocab]`
-    pub fn logits(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let [b, t, d] = x.dims();
-        let x = self.norm.forward(x).reshape([b * t, d]);
-        let w = self.embed_tokens.weight.val(); // [vocab, d]
-        let v = w.dims()[0];
-        x.matmul(w.transpose()).reshape([b, t, v])
+    /// The tied head.
+    fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        lm_head(x, &self.norm, &self.embed_tokens, None)
     }
 
-    /// Logits, auxiliary losses and router statistics.
-    ///
-    /// # Shapes
-    /// - input_ids: `[batch, seq]` -> logits `[batch, seq, vocab]`
-    pub fn forward(&self, input_ids: Tensor<B, 2, Int>) -> (Tensor<B, 3>, Aux<B>) {
-        let ctx = self.layer_context(&input_ids);
-        let mut aux = Aux::default();
-        let mut x = self.embed(input_ids);
-        for i in 0..self.blocks.len() {
-            x = self.layer(i, x, &ctx, &mut aux);
-        }
-        (self.logits(x), aux)
+    /// Each block's mixer and HyperFFN routers.
+    fn routers(&self) -> Vec<RouterPaths> {
+        let top_k = self.config.top_k;
+        (0..self.blocks.len())
+            .flat_map(|l| {
+                let paths = |part: &str, names: &[&str]| {
+                    names
+                        .iter()
+                        .map(|n| format!("blocks.{l}.{part}.{n}"))
+                        .collect()
+                };
+                [
+                    RouterPaths {
+                        stat: format!("blocks.{l}.moa.router"),
+                        paths: paths("moa", &MOA_PATHS),
+                        top_k,
+                    },
+                    RouterPaths {
+                        stat: format!("blocks.{l}.ffn.router"),
+                        paths: paths("ffn", &FFN_EXPERTS),
+                        top_k: top_k.min(FFN_EXPERTS.len()),
+                    },
+                ]
+            })
+            .collect()
     }
 }
 
@@ -720,6 +704,7 @@ mod tests {
     use burn::backend::{Autodiff, Flex};
 
     use super::*;
+    use crate::family::forward;
     use crate::named_params;
 
     type B = Flex;
@@ -776,7 +761,7 @@ mod tests {
     #[test]
     fn the_model_routes_every_token_to_two_paths_in_every_block() {
         let model = tiny().init::<B>(&Init::new(4), &Default::default());
-        let (_, aux) = model.forward(ids(&[1, 2, 3, 4, 5, 6, 7, 8], 2));
+        let (_, aux) = forward(&model, ids(&[1, 2, 3, 4, 5, 6, 7, 8], 2));
         assert_eq!(aux.stats.len(), 4);
         for (name, s) in aux.stats {
             let s = s.into_data().into_vec::<f32>().unwrap();
@@ -788,8 +773,9 @@ mod tests {
         }
     }
 
-    /// Changing token `t` never changes an output before `t`: for each path alone and for
-    /// the whole model.
+    /// Changing token `t` never changes an output before `t`, and does change the output at
+    /// `t` (so the comparison sees changes at all): for each path alone and for the whole
+    /// model.
     #[test]
     fn every_path_and_the_whole_model_are_causal() {
         let cfg = tiny();
@@ -801,19 +787,25 @@ mod tests {
             changed[t] = (changed[t] + 13) % 50;
             let (a, b) = (ids(&base, 1), ids(&changed, 1));
             let check = |name: &str, x: Tensor<B, 3>, y: Tensor<B, 3>| {
-                let d = x.dims()[2];
-                if t == 0 {
-                    return;
+                let at = |v: &Tensor<B, 3>| v.clone().narrow(1, t, 1).into_data();
+                assert_ne!(
+                    at(&x),
+                    at(&y),
+                    "{name}: the output at {t} ignores token {t}"
+                );
+                // Position 0 has no earlier outputs to compare.
+                if t > 0 {
+                    let x = x.narrow(1, 0, t).into_data();
+                    let y = y.narrow(1, 0, t).into_data();
+                    assert_eq!(x, y, "{name}: outputs before {t} changed");
                 }
-                let x = x.narrow(1, 0, t).into_data();
-                let y = y.narrow(1, 0, t).into_data();
-                assert_eq!(x, y, "{name}: outputs before {t} changed (width {d})");
             };
-            let (la, _) = model.forward(a.clone());
-            let (lb, _) = model.forward(b.clone());
+            let (la, _) = forward(&model, a.clone());
+            let (lb, _) = forward(&model, b.clone());
             check("model", la, lb);
-            let (ea, eb) = (model.embed(a.clone()), model.embed(b.clone()));
-            let ctx = model.layer_context(&a);
+            let embed = |ids: &Tensor<B, 2, Int>| model.embedding().forward(ids.clone());
+            let (ea, eb) = (embed(&a), embed(&b));
+            let ctx = model.context(&a);
             let blk = &model.blocks[0];
             let m = &blk.moa;
             check(
@@ -856,7 +848,7 @@ mod tests {
             ),
             &device,
         );
-        let (logits, aux) = model.forward(input);
+        let (logits, aux) = forward(&model, input);
         let names: Vec<&str> = aux.losses.iter().map(|(n, _)| n.as_str()).collect();
         assert!(
             names.contains(&"triangle") && names.contains(&"balance"),
