@@ -60,7 +60,9 @@ fn main() {
         lap(4, &mut t);
         let _ = acc.global_norm();
         lap(5, &mut t);
-        model = optim.step::<B, _>(model, acc.take(), 1e-3, &Default::default());
+        model = optim
+            .step::<B, _>(model, acc.take(), 1e-3, &Default::default())
+            .expect("the optimizer step");
         let _ = kiln_models::named_params(&model).len();
         lap(6, &mut t);
         if it > 0 {

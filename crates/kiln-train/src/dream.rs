@@ -30,6 +30,8 @@ use serde::{Deserialize, Serialize};
 use kiln_models::RouterPaths;
 use kiln_recipe::DreamSection;
 
+use crate::TrainError;
+
 /// Gradient statistics and multiplier of one tensor.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TensorStats {
@@ -102,18 +104,20 @@ pub struct DreamReport {
 
 impl Dream {
     /// Records one optimizer step's gradients (summed over micro-batches, before clipping).
-    pub fn observe<B: Backend>(&mut self, grads: &BTreeMap<String, Tensor<B, 1>>, ema: f64) {
+    pub fn observe<B: Backend>(
+        &mut self,
+        grads: &BTreeMap<String, Tensor<B, 1>>,
+        ema: f64,
+    ) -> Result<(), TrainError> {
         if grads.is_empty() {
-            return;
+            return Ok(());
         }
         // One read for every tensor: the mean squares, concatenated.
         let squares: Vec<Tensor<B, 1>> =
             grads.values().map(|g| g.clone().square().mean()).collect();
-        let values = Tensor::cat(squares, 0)
-            .into_data()
-            .convert::<f32>()
-            .into_vec::<f32>()
-            .unwrap_or_default();
+        let values = crate::read_back(Tensor::cat(squares, 0).into_data(), || {
+            "the gradients' mean squares for dream consolidation".to_string()
+        })?;
         for (name, ms) in grads.keys().zip(values) {
             let rms = f64::from(ms).sqrt();
             let s = self.tensors.entry(name.clone()).or_insert(TensorStats {
@@ -130,6 +134,7 @@ impl Dream {
             s.last = rms;
             s.steps += 1;
         }
+        Ok(())
     }
 
     /// Records one micro-batch's router statistics (`[paths + 1]`: usage, confidence).
@@ -285,7 +290,8 @@ mod tests {
                     ("declining", declining),
                 ]),
                 c.ema,
-            );
+            )
+            .expect("the gradients read back");
         }
         let report = d.cycle(6, &c, &[]);
         assert_eq!(
@@ -308,7 +314,8 @@ mod tests {
                 ("b.moa.attn.q_proj.weight", 1.0),
             ]),
             c.ema,
-        );
+        )
+        .expect("the gradients read back");
         let routers = [RouterPaths {
             stat: "b.moa.router".to_string(),
             paths: vec!["b.moa.conv".into(), "b.moa.attn".into()],

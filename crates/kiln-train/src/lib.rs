@@ -8,25 +8,34 @@
 //!
 //! The loop is generic over the Burn backend; only the CLI picks one. It never touches the
 //! terminal: progress goes to an [`Observer`].
+//!
+//! A run session (`session.rs`) opens the run and drives the loop over optimizer steps;
+//! one optimizer step (`step.rs`) runs every micro-batch through the run's [`backward`]
+//! strategy (plain, head chunks, activation checkpointing), then clips and updates;
+//! evaluation (`eval.rs`) shares the backward strategies' head.
 
+pub mod backward;
 pub mod checkpoint;
 pub mod distributed;
 pub mod dream;
+mod eval;
 pub mod loss;
 mod metrics;
 pub mod optim;
 pub mod run;
 pub mod schedule;
-mod trainer;
+mod session;
+mod step;
 
 use std::path::PathBuf;
 
 use serde::Serialize;
 
 pub use checkpoint::{Checkpoint, TrainState};
+pub use eval::evaluate_checkpoint;
 pub use metrics::read_metrics;
 pub use run::{RunDir, RunStatus, StatusFile};
-pub use trainer::{Control, evaluate_checkpoint, peak_resident_bytes, train};
+pub use session::{Control, peak_resident_bytes, train};
 
 /// Errors of the training loop.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +78,28 @@ pub enum TrainError {
     /// Data-parallel training failed: a peer died or hangs, or the processes disagree.
     #[error("distributed: {0}")]
     Distributed(String),
+    /// A tensor could not be read back from the device to the host.
+    #[error("could not read back {what} from the device: {reason}")]
+    Readback {
+        /// What was read (names the tensor or tensors).
+        what: String,
+        /// Why it failed, as the backend says.
+        reason: String,
+    },
+}
+
+/// The values of a tensor's data as f32 on the host, or [`TrainError::Readback`] naming
+/// `what` was read: a failed read must stop the run, never pass for an empty tensor.
+pub(crate) fn read_back(
+    data: burn::tensor::TensorData,
+    what: impl FnOnce() -> String,
+) -> Result<Vec<f32>, TrainError> {
+    data.convert::<f32>()
+        .into_vec::<f32>()
+        .map_err(|e| TrainError::Readback {
+            what: what(),
+            reason: format!("{e:?}"),
+        })
 }
 
 /// How a call to [`train`] ended.

@@ -14,6 +14,8 @@ use burn::tensor::backend::AutodiffBackend;
 use kiln_models::{NamedTensor, PathStack};
 use kiln_recipe::{OptimKind, OptimSection};
 
+use crate::TrainError;
+
 /// Summed gradients of the micro-batches of one optimizer step, by parameter name.
 #[derive(Debug)]
 pub struct GradAccumulator<B: Backend> {
@@ -168,7 +170,7 @@ impl<B: Backend> AdamW<B> {
     /// The optimizer state as named f32 tensors (8-bit codes are stored as exact f32
     /// integers): `m.<p>`, `v.<p>`, or `m8.codes.<p>`, `m8.absmax.<p>`, `v8.codes.<p>`,
     /// `v8.absmax.<p>`.
-    pub fn state_tensors(&self) -> BTreeMap<String, NamedTensor> {
+    pub fn state_tensors(&self) -> Result<BTreeMap<String, NamedTensor>, TrainError> {
         let mut out = BTreeMap::new();
         let mut put = |key: String, values: Vec<f32>| {
             out.insert(
@@ -181,12 +183,9 @@ impl<B: Backend> AdamW<B> {
         };
         for (name, m) in &self.state {
             for (prefix, t) in [("m", &m.m), ("v", &m.v)] {
-                let values = t
-                    .to_data()
-                    .convert::<f32>()
-                    .into_vec::<f32>()
-                    .unwrap_or_default();
-                put(format!("{prefix}.{name}"), values);
+                let key = format!("{prefix}.{name}");
+                let values = crate::read_back(t.to_data(), || format!("optimizer moment `{key}`"))?;
+                put(key, values);
             }
         }
         for (name, q) in &self.state8 {
@@ -196,7 +195,7 @@ impl<B: Backend> AdamW<B> {
             put(format!("v8.codes.{name}"), codes(&q.v_codes));
             put(format!("v8.absmax.{name}"), q.v_absmax.clone());
         }
-        out
+        Ok(out)
     }
 
     /// Restores what [`AdamW::state_tensors`] wrote.
@@ -273,7 +272,7 @@ impl<B: Backend> AdamW<B> {
         grad: Tensor<B, 1>,
         decay: bool,
         lr: f64,
-    ) -> Tensor<B, 1> {
+    ) -> Result<Tensor<B, 1>, TrainError> {
         use kiln_models::nf4::{
             dequantize_blockwise, dynamic_map, dynamic_map_unsigned, quantize_nearest,
         };
@@ -281,16 +280,8 @@ impl<B: Backend> AdamW<B> {
         let t = self.step as i32;
         let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
         let device = param.device();
-        let g = grad
-            .into_data()
-            .convert::<f32>()
-            .into_vec::<f32>()
-            .unwrap_or_default();
-        let mut p = param
-            .into_data()
-            .convert::<f32>()
-            .into_vec::<f32>()
-            .unwrap_or_default();
+        let g = crate::read_back(grad.into_data(), || format!("the gradient of `{name}`"))?;
+        let mut p = crate::read_back(param.into_data(), || format!("parameter `{name}`"))?;
         let (smap, umap) = (dynamic_map(), dynamic_map_unsigned());
         let (mut m, mut v) = match self.state8.remove(name) {
             Some(q) => (
@@ -323,19 +314,21 @@ impl<B: Backend> AdamW<B> {
             },
         );
         let n = p.len();
-        Tensor::from_data(TensorData::new(p, [n]), &device)
+        Ok(Tensor::from_data(TensorData::new(p, [n]), &device))
     }
 
     /// Applies one update with learning rate `lr` to every parameter that has a gradient;
     /// a parameter named in `multipliers` gets `lr` times its multiplier (for its update and
-    /// its weight decay, as a PyTorch parameter group with its own learning rate).
+    /// its weight decay, as a PyTorch parameter group with its own learning rate). Fails
+    /// if a parameter or gradient that the update reads on the host cannot be read back;
+    /// the model is then dropped, half updated.
     pub fn step<AB, M>(
         &mut self,
         model: M,
         grads: BTreeMap<String, Tensor<B, 1>>,
         lr: f64,
         multipliers: &BTreeMap<String, f64>,
-    ) -> M
+    ) -> Result<M, TrainError>
     where
         AB: AutodiffBackend<InnerBackend = B>,
         M: AutodiffModule<AB>,
@@ -347,8 +340,13 @@ impl<B: Backend> AdamW<B> {
             optim: self,
             lr,
             multipliers,
+            error: None,
         };
-        model.map(&mut mapper)
+        let model = model.map(&mut mapper);
+        match mapper.error {
+            Some(e) => Err(e),
+            None => Ok(model),
+        }
     }
 
     fn update(
@@ -358,7 +356,7 @@ impl<B: Backend> AdamW<B> {
         grad: Tensor<B, 1>,
         rank: usize,
         lr: f64,
-    ) -> Tensor<B, 1> {
+    ) -> Result<Tensor<B, 1>, TrainError> {
         let decay = kiln_models::decays(name, rank);
         if self.config.kind == OptimKind::Adamw8bit && param.shape().num_elements() >= MIN_8BIT_SIZE
         {
@@ -392,7 +390,7 @@ impl<B: Backend> AdamW<B> {
             param
         };
         self.state.insert(name.to_string(), moments);
-        param - update
+        Ok(param - update)
     }
 }
 
@@ -402,6 +400,8 @@ struct Update<'a, AB: AutodiffBackend> {
     optim: &'a mut AdamW<AB::InnerBackend>,
     lr: f64,
     multipliers: &'a BTreeMap<String, f64>,
+    /// The first update that failed; the parameters after it are left as they were.
+    error: Option<TrainError>,
 }
 
 impl<AB: AutodiffBackend> ModuleMapper<AB> for Update<'_, AB> {
@@ -415,16 +415,28 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for Update<'_, AB> {
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<AB, D>>) -> Param<Tensor<AB, D>> {
         let name = self.path.path();
+        if self.error.is_some() {
+            return param;
+        }
         let Some(grad) = self.grads.remove(&name) else {
             return param;
         };
         let (id, tensor, mapper) = param.consume();
         let shape = tensor.shape();
+        let device = tensor.device();
         let n = shape.num_elements();
         let flat = tensor.inner().reshape([n]);
         let lr = self.lr * self.multipliers.get(&name).copied().unwrap_or(1.0);
-        let updated = self.optim.update(&name, flat, grad, D, lr);
-        let tensor = Tensor::<AB, D>::from_inner(updated.reshape(shape)).require_grad();
+        let updated = match self.optim.update(&name, flat, grad, D, lr) {
+            Ok(t) => t.reshape(shape),
+            Err(e) => {
+                // The parameter was consumed by the failed read; the step returns the error
+                // and the model is dropped, so zeros stand in for it.
+                self.error = Some(e);
+                Tensor::zeros(shape, &device)
+            }
+        };
+        let tensor = Tensor::<AB, D>::from_inner(updated).require_grad();
         Param::from_mapped_value(id, tensor, mapper)
     }
 }
