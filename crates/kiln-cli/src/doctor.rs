@@ -5,9 +5,9 @@
 //! runs too): each builds its inputs on the host from a fixed seed, runs one operation (or
 //! one QLoRA projection) forward and backward on the checked backend, and here every output
 //! and input gradient is compared with the same computation on the reference CPU backend
-//! (Flex, or NdArray when Flex itself is checked). The sizes are the QLoRA smoke recipe's. Each check
-//! runs `repeat` times, to show results that vary from run to run (a race, or an autotuned
-//! kernel choice that differs) next to results that are wrong every time.
+//! (Flex, or NdArray when Flex itself is checked). The sizes are the QLoRA smoke recipe's.
+//! Each check runs `repeat` times, to show results that vary from run to run (a race, or an
+//! autotuned kernel choice that differs) next to results that are wrong every time.
 
 use std::path::PathBuf;
 use std::time::Instant;
