@@ -6,11 +6,11 @@
 //! |---|---|
 //! | Flex (CPU) | every operation with a host kernel ([`crate::host`]) |
 //! | NdArray (CPU) | dropout masks, drawn as on Flex |
-//! | CUDA | the NF4 weight, expanded on the device from 4-bit codes kept there |
+//! | CubeCL: CUDA and wgpu, fused or not | the NF4 weight, expanded on the device from 4-bit codes kept there |
 //! | `Autodiff<B>` | every differentiable operation, recorded with its own backward |
 
 pub mod autodiff;
-#[cfg(feature = "cuda")]
-pub mod cuda;
+#[cfg(feature = "cubecl")]
+pub mod cubecl;
 pub mod flex;
 pub mod ndarray;
