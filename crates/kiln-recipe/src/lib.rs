@@ -458,6 +458,55 @@ tokens = 100
     }
 
     #[test]
+    fn wgpu_devices_are_named_and_fusion_is_a_gpu_switch() {
+        use WgpuDeviceSpec as D;
+        for (text, spec) in [
+            ("default", D::Default),
+            ("discrete:0", D::Discrete(0)),
+            ("integrated:2", D::Integrated(2)),
+            ("virtual:1", D::Virtual(1)),
+            ("software", D::Software),
+        ] {
+            assert_eq!(D::parse(text), Some(spec), "{text}");
+        }
+        for text in [
+            "cpu",
+            "cuda:0",
+            "discrete",
+            "discrete:",
+            "discrete:x",
+            "integrated:-1",
+        ] {
+            assert_eq!(D::parse(text), None, "{text}");
+        }
+        let loaded = parse(&[
+            "run.backend=wgpu",
+            "run.device=discrete:1",
+            "run.fusion=false",
+        ])
+        .expect("a wgpu recipe");
+        assert!(!loaded.recipe.run.fusion);
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+        // The CPU's device is not a wgpu device: the error names the key and the choices.
+        let err = parse(&["run.backend=wgpu"]).unwrap_err().to_string();
+        assert!(
+            err.contains("run.device") && err.contains("`cpu` is not a wgpu device (use `default`"),
+            "{err}"
+        );
+        // Fusion on by default; turning it off on a CPU backend is allowed but warned.
+        assert!(parse(&[]).unwrap().recipe.run.fusion);
+        let loaded = parse(&["run.fusion=false"]).unwrap();
+        assert!(
+            loaded
+                .warnings
+                .iter()
+                .any(|w| w.key == "run.fusion" && w.message.contains("only `cuda` and `wgpu`")),
+            "{:?}",
+            loaded.warnings
+        );
+    }
+
+    #[test]
     fn overrides_reach_nested_keys_and_array_entries() {
         let r = parse(&[
             "phases[0].window=32",

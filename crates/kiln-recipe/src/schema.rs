@@ -246,12 +246,21 @@ pub struct RunSection {
     /// Directory under which the run directory is created.
     #[serde(default = "default_out_dir")]
     pub out_dir: String,
-    /// Compute backend: `flex` (default, CPU), `ndarray` (CPU) or `cuda`.
+    /// Compute backend: `flex` (default, CPU), `ndarray` (CPU), `cuda` or `wgpu`.
     #[serde(default)]
     pub backend: BackendKind,
-    /// Device on the backend: `cpu`, or `cuda` / `cuda:N` for the CUDA backend.
+    /// Device on the backend: `cpu` for the CPU backends; `cuda` / `cuda:N` for `cuda`;
+    /// for `wgpu`, `default` (the adapter wgpu ranks first), `discrete:N`, `integrated:N`,
+    /// `virtual:N` (the N-th adapter of that kind) or `software` (a CPU driver such as
+    /// Mesa's lavapipe).
     #[serde(default = "default_device")]
     pub device: String,
+    /// burn-fusion on the `cuda` and `wgpu` backends: element-wise chains and reductions
+    /// compiled into fused kernels at run time (Burn's default, `true`). `false` runs each
+    /// tensor operation as its own kernel: the switch for a fusion bug. The CPU backends
+    /// never fuse.
+    #[serde(default = "default_fusion")]
+    pub fusion: bool,
     /// Stop cleanly (checkpoint, then exit) after this much wall time of a session, e.g.
     /// `"90s"`, `"45m"`, `"2h"`; `"none"` for no limit. The default is DiscoverLM's one-day
     /// rule, `"24h"`. A resumed run gets the same budget again.
@@ -275,6 +284,43 @@ fn default_device() -> String {
     "cpu".to_string()
 }
 
+fn default_fusion() -> bool {
+    true
+}
+
+/// A `wgpu` device as `run.device` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WgpuDeviceSpec {
+    /// The adapter wgpu ranks first (a high-performance GPU when there is one).
+    Default,
+    /// The N-th discrete GPU.
+    Discrete(usize),
+    /// The N-th integrated GPU.
+    Integrated(usize),
+    /// The N-th virtual GPU.
+    Virtual(usize),
+    /// A driver that runs on the CPU (Mesa's lavapipe, WARP).
+    Software,
+}
+
+impl WgpuDeviceSpec {
+    /// Parses `default`, `discrete:N`, `integrated:N`, `virtual:N` or `software`; `None`
+    /// for anything else.
+    pub fn parse(device: &str) -> Option<Self> {
+        let indexed = |prefix: &str| -> Option<usize> {
+            device.strip_prefix(prefix)?.strip_prefix(':')?.parse().ok()
+        };
+        match device {
+            "default" => Some(Self::Default),
+            "software" => Some(Self::Software),
+            _ => indexed("discrete")
+                .map(Self::Discrete)
+                .or_else(|| indexed("integrated").map(Self::Integrated))
+                .or_else(|| indexed("virtual").map(Self::Virtual)),
+        }
+    }
+}
+
 /// The tensor backend a run executes on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
@@ -286,6 +332,9 @@ pub enum BackendKind {
     Ndarray,
     /// burn-cuda: NVIDIA GPUs (needs a build with `--features cuda`).
     Cuda,
+    /// burn-wgpu: GPUs through Vulkan (Linux, Windows), Metal (macOS) or DX12 (Windows);
+    /// needs a build with `--features wgpu`.
+    Wgpu,
 }
 
 impl BackendKind {
@@ -295,6 +344,17 @@ impl BackendKind {
             Self::Flex => "flex",
             Self::Ndarray => "ndarray",
             Self::Cuda => "cuda",
+            Self::Wgpu => "wgpu",
+        }
+    }
+
+    /// The device a run on this backend uses when none is named: `cpu`, `cuda:0`, or
+    /// wgpu's `default` adapter.
+    pub fn default_device(self) -> &'static str {
+        match self {
+            Self::Flex | Self::Ndarray => "cpu",
+            Self::Cuda => "cuda:0",
+            Self::Wgpu => "default",
         }
     }
 }

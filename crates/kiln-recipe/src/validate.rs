@@ -90,6 +90,14 @@ impl Recipe {
                 "run.device",
                 format!("`{device}` is not a CUDA device (use `cuda` or `cuda:N`)"),
             ),
+            crate::BackendKind::Wgpu => e.check(
+                crate::WgpuDeviceSpec::parse(device).is_some(),
+                "run.device",
+                format!(
+                    "`{device}` is not a wgpu device (use `default`, `discrete:N`, \
+                     `integrated:N`, `virtual:N`, or `software` for a CPU driver such as lavapipe)"
+                ),
+            ),
         }
     }
 
@@ -99,6 +107,18 @@ impl Recipe {
             path,
             list: Vec::new(),
         };
+        e.check(
+            self.run.fusion
+                || matches!(
+                    self.run.backend,
+                    crate::BackendKind::Cuda | crate::BackendKind::Wgpu
+                ),
+            "run.fusion",
+            format!(
+                "`false` has no effect on the `{}` backend: only `cuda` and `wgpu` fuse",
+                self.run.backend.as_str()
+            ),
+        );
         if !self.train.varying_tokens_per_step
             && let Some(first) = self.phases.first()
         {
