@@ -260,6 +260,34 @@ fn cuda_without_cuda_support_is_a_clear_error() {
     );
 }
 
+/// The default build has no wgpu backend either; a wgpu recipe names a wgpu device.
+#[test]
+fn wgpu_without_wgpu_support_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let err = fails(&[
+        "train",
+        SMOKE,
+        "--out",
+        out,
+        "--set",
+        "run.backend=wgpu",
+        "--set",
+        "run.device=default",
+    ]);
+    assert!(
+        err.contains("built without wgpu support") && err.contains("--features wgpu"),
+        "{err}"
+    );
+    let err = fails(&["doctor", "--backend", "wgpu"]);
+    assert!(err.contains("built without wgpu support"), "{err}");
+    let err = fails(&["inspect", SMOKE, "--set", "run.backend=wgpu"]);
+    assert!(
+        err.contains("run.device: `cpu` is not a wgpu device") && err.contains("software"),
+        "{err}"
+    );
+}
+
 /// QLoRA on CUDA trains wrongly (docs/performance.md): kiln refuses it before building a
 /// model, in `kiln train` and `kiln bench` alike, and says what works instead.
 #[test]

@@ -96,6 +96,8 @@ pub enum DoctorBackend {
     Ndarray,
     /// burn-cuda (a build with `--features cuda`).
     Cuda,
+    /// burn-wgpu: Vulkan or Metal (a build with `--features wgpu`).
+    Wgpu,
 }
 
 /// Export formats.
@@ -159,9 +161,14 @@ pub enum Command {
         /// The backend to check.
         #[arg(long, value_enum, default_value_t = DoctorBackend::Flex)]
         backend: DoctorBackend,
-        /// Its device: `cpu`, or `cuda:N`.
-        #[arg(long, default_value = "cpu")]
-        device: String,
+        /// Its device, as `run.device` names it: `cpu`; `cuda:N`; for wgpu `default`,
+        /// `discrete:N`, `integrated:N`, `virtual:N` or `software`. Default: `cpu`, `cuda:0`
+        /// or `default`.
+        #[arg(long)]
+        device: Option<String>,
+        /// burn-fusion on the cuda and wgpu backends, as `run.fusion` sets it.
+        #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+        fusion: bool,
         /// Runs of each check, to tell results that vary from run to run from results that
         /// are wrong every time.
         #[arg(long, value_name = "N", default_value_t = 2)]
@@ -350,6 +357,7 @@ impl From<DoctorBackend> for kiln_recipe::BackendKind {
             DoctorBackend::Flex => Self::Flex,
             DoctorBackend::Ndarray => Self::Ndarray,
             DoctorBackend::Cuda => Self::Cuda,
+            DoctorBackend::Wgpu => Self::Wgpu,
         }
     }
 }
@@ -360,7 +368,10 @@ fn parse_backend(text: &str) -> Result<kiln_recipe::BackendKind, String> {
         "flex" => Ok(kiln_recipe::BackendKind::Flex),
         "ndarray" => Ok(kiln_recipe::BackendKind::Ndarray),
         "cuda" => Ok(kiln_recipe::BackendKind::Cuda),
-        other => Err(format!("unknown backend `{other}` (flex, ndarray or cuda)")),
+        "wgpu" => Ok(kiln_recipe::BackendKind::Wgpu),
+        other => Err(format!(
+            "unknown backend `{other}` (flex, ndarray, cuda or wgpu)"
+        )),
     }
 }
 

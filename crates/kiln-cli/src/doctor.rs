@@ -27,8 +27,10 @@ const SIZES: Sizes = Sizes::QLORA_SMOKE;
 pub struct DoctorOptions {
     /// The backend checked.
     pub backend: BackendKind,
-    /// Its device (`cpu`, `cuda:N`).
+    /// Its device (`cpu`, `cuda:N`, a wgpu device).
     pub device: String,
+    /// burn-fusion on the GPU backends.
+    pub fusion: bool,
     /// Runs of each check on the checked backend.
     pub repeat: usize,
     /// Largest accepted `max |a - b| / max |reference|` of an output.
@@ -133,16 +135,26 @@ pub fn doctor(opts: &DoctorOptions) -> Result<()> {
         bail!("--tolerance must be positive, got {}", opts.tolerance);
     }
     eprintln!(
-        "kiln doctor: {} on {} against {} on the CPU, {} run(s) per check, tolerance {:.0e} \
+        "kiln doctor: {}{} on {} against {} on the CPU, {} run(s) per check, tolerance {:.0e} \
          (max |a - b| / max |reference| per output)",
         opts.backend.as_str(),
+        match opts.backend {
+            BackendKind::Cuda | BackendKind::Wgpu if opts.fusion => " (fusion on)",
+            BackendKind::Cuda | BackendKind::Wgpu => " (fusion off)",
+            _ => "",
+        },
         opts.device,
         reference_kind.as_str(),
         opts.repeat.max(1),
         opts.tolerance
     );
-    let reference = dispatch_on(reference_kind, "cpu", Reference)?;
-    let rows = dispatch_on(opts.backend, &opts.device, Checked { reference, opts })?;
+    let reference = dispatch_on(reference_kind, "cpu", true, Reference)?;
+    let rows = dispatch_on(
+        opts.backend,
+        &opts.device,
+        opts.fusion,
+        Checked { reference, opts },
+    )?;
     if let Some(path) = &opts.json {
         let text = serde_json::to_string_pretty(&rows)?;
         std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;

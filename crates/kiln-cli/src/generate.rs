@@ -124,24 +124,22 @@ pub fn run(req: Request) -> Result<()> {
     let mut options = req.options.clone();
     options.stop_ids = stop_ids(tokenizer.as_ref());
 
-    let (backend, device) = match &source {
-        Source::Run { recipe, .. } => (
-            req.backend.unwrap_or(recipe.run.backend),
+    let (backend, device, fusion) = match &source {
+        // The run's own placement, unless `--backend` names another backend.
+        Source::Run { recipe, .. } if req.backend.is_none_or(|b| b == recipe.run.backend) => (
+            recipe.run.backend,
             recipe.run.device.clone(),
+            recipe.run.fusion,
         ),
-        Source::Hf(_) => {
+        _ => {
             let backend = req.backend.unwrap_or(BackendKind::Flex);
-            let device = if backend == BackendKind::Cuda {
-                "cuda"
-            } else {
-                "cpu"
-            };
-            (backend, device.to_string())
+            (backend, backend.default_device().to_string(), true)
         }
     };
     let generation = dispatch_on(
         backend,
         &device,
+        fusion,
         GenerateJob {
             source: &source,
             checkpoint: &req.checkpoint,

@@ -22,6 +22,8 @@ mod runs;
 mod tokenizer_cmd;
 mod tooleval;
 mod train;
+#[cfg(feature = "wgpu")]
+mod wgpu_adapter;
 
 use std::process::ExitCode;
 
@@ -94,12 +96,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Doctor {
             backend,
             device,
+            fusion,
             repeat,
             tolerance,
             json,
         } => doctor::doctor(&doctor::DoctorOptions {
             backend: backend.into(),
-            device,
+            device: device.unwrap_or_else(|| {
+                kiln_recipe::BackendKind::from(backend)
+                    .default_device()
+                    .to_string()
+            }),
+            fusion,
             repeat,
             tolerance,
             json,

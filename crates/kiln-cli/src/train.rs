@@ -133,6 +133,7 @@ pub fn run_training(
     let outcome = backend::dispatch_on(
         recipe.run.backend,
         &device,
+        recipe.run.fusion,
         TrainJob {
             recipe: &recipe,
             run: &run,
